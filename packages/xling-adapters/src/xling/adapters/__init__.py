@@ -1,0 +1,1 @@
+"""Trainable language heads (MLP adapter, mixer translator, LoRA) and inference for diffusers pipelines."""

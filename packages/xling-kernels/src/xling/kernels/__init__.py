@@ -1,0 +1,1 @@
+"""Fused Triton dual-key cross-attention with a pure PyTorch reference."""
