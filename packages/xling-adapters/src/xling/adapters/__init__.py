@@ -1,1 +1,51 @@
-"""Trainable language heads (MLP adapter, mixer translator, LoRA) and inference for diffusers pipelines."""
+"""Trainable language heads (MLP adapter, mixer translator, LoRA) and inference for diffusers pipelines.
+
+Importing this package needs only torch, safetensors and einops; the student encoder needs
+``[transformers]``, LoRA ``[peft]``, and attaching to a pipeline ``[diffusers]``.
+"""
+
+from xling.adapters.config import (
+    FORMAT_VERSION,
+    HeadConfig,
+    LinearHeadConfig,
+    LoraHeadConfig,
+    MixerTranslatorConfig,
+    MLPAdapterConfig,
+    config_from_dict,
+)
+from xling.adapters.encoder import EncoderOutput, LanguageEncoder, LanguageEncoderConfig, StudentOutput
+from xling.adapters.head import AdapterHead, HeadOutput
+from xling.adapters.io import WidthMismatchError, check_widths, load_head
+from xling.adapters.linear import LinearHead
+from xling.adapters.lora import apply_lora, default_lora_targets, unfreeze_last_layers
+from xling.adapters.mixer import MixerTranslator
+from xling.adapters.mlp import MLPAdapter
+from xling.adapters.pipeline import XlingPipeline, attach, pipeline_widths
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AdapterHead",
+    "EncoderOutput",
+    "HeadConfig",
+    "HeadOutput",
+    "LanguageEncoder",
+    "LanguageEncoderConfig",
+    "LinearHead",
+    "LinearHeadConfig",
+    "LoraHeadConfig",
+    "MLPAdapter",
+    "MLPAdapterConfig",
+    "MixerTranslator",
+    "MixerTranslatorConfig",
+    "StudentOutput",
+    "WidthMismatchError",
+    "XlingPipeline",
+    "apply_lora",
+    "attach",
+    "check_widths",
+    "config_from_dict",
+    "default_lora_targets",
+    "load_head",
+    "pipeline_widths",
+    "unfreeze_last_layers",
+]

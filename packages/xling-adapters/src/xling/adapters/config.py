@@ -1,0 +1,231 @@
+"""One dataclass config per head, peft-style: every field documented, validated on construction.
+
+A config is the whole description of a head: ``save_pretrained`` writes it as ``config.json`` beside the
+weights and ``from_pretrained`` rebuilds the module from it. ``head_type`` selects the class on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+#: Version of the on-disk layout written by this package; readers refuse newer versions.
+FORMAT_VERSION = 1
+
+TeacherFamily = Literal["sd1", "sd2", "sdxl"]
+TEACHER_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+@dataclass
+class HeadConfig:
+    """Fields shared by every head.
+
+    Attributes:
+        student_width: width ``d`` of the student encoder's hidden states fed to the head.
+        teacher_width: width ``D`` of the teacher's ``prompt_embeds`` (the UNet's ``cross_attention_dim``:
+            768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL).
+        teacher_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; documents which teacher the head was trained for.
+        pooled_width: width ``P`` of the pooled embedding the head also returns (SDXL's
+            ``pooled_prompt_embeds``, 1280; or the [EOS] projection AltDiffusion distils), or ``None``
+            for a head that returns no pooled vector. Required when ``teacher_family == "sdxl"``.
+        student_model: name or path of the student encoder the head was trained on (informational,
+            and the default student of ``LanguageEncoder.from_pretrained`` for a frozen student).
+        language: language code of the prompts the head was trained on (``"zh"``).
+        format_version: on-disk format version this config was written with.
+    """
+
+    head_type: ClassVar[str] = ""
+
+    student_width: int = 1024
+    teacher_width: int = 768
+    teacher_family: TeacherFamily = "sd1"
+    pooled_width: int | None = None
+    student_model: str | None = None
+    language: str = "zh"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check_positive("student_width", self.student_width)
+        _check_positive("teacher_width", self.teacher_width)
+        if self.pooled_width is not None:
+            _check_positive("pooled_width", self.pooled_width)
+        if self.teacher_family not in TEACHER_FAMILIES:
+            raise ValueError(
+                f"`teacher_family` must be one of {TEACHER_FAMILIES}, got {self.teacher_family!r}"
+            )
+        if self.teacher_family == "sdxl" and self.pooled_width is None:
+            raise ValueError(
+                "`pooled_width` is required for an SDXL teacher (its UNet needs pooled_prompt_embeds)"
+            )
+        if not isinstance(self.language, str) or not self.language:
+            raise ValueError(f"`language` must be a non-empty string, got {self.language!r}")
+        if self.student_model is not None and not isinstance(self.student_model, str):
+            raise TypeError(f"`student_model` must be a str or None, got {type(self.student_model).__name__}")
+        _check_positive("format_version", self.format_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, ``head_type`` first."""
+        return {"head_type": self.head_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadConfig:
+        """Build from a dict written by :meth:`to_dict`; unknown keys or a wrong ``head_type`` raise."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        data = dict(data)
+        head_type = data.pop("head_type", cls.head_type)
+        if head_type != cls.head_type:
+            raise ValueError(
+                f"config has head_type {head_type!r}, expected {cls.head_type!r} for {cls.__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class MLPAdapterConfig(HeadConfig):
+    """PEA-Diffusion's adapter: LayerNorm, bias-free Linear/GELU stack, output projection.
+
+    The defaults are the SDXL adapter of the PEA-Diffusion code for a 1024-wide student
+    (``MLP(1024, 1280, 1024, 2048)``): 1024 -> 1024 -> 1024 -> 1280 (bias-free), pooled = token mean of
+    that 1280-wide output, tokens = ``Linear(1280, 2048)(GELU(.))``; 6,033,408 parameters. For SD 1.x / 2.x
+    set ``teacher_width=768`` / ``1024`` and ``pooled_width=None``: the stack then ends at the teacher width.
+
+    Attributes:
+        hidden_width: width of the hidden Linear layers (1024 gives PEA's 6.0M SDXL adapter).
+        num_layers: number of bias-free Linear layers in the stack (>= 2; GELU between them).
+        layer_norm_eps: epsilon of the input LayerNorm.
+    """
+
+    head_type: ClassVar[str] = "mlp"
+
+    student_width: int = 1024
+    teacher_width: int = 2048
+    teacher_family: TeacherFamily = "sdxl"
+    pooled_width: int | None = 1280
+    hidden_width: int = 1024
+    num_layers: int = 3
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("hidden_width", self.hidden_width)
+        _check_positive("num_layers", self.num_layers)
+        if self.num_layers < 2:
+            raise ValueError(f"`num_layers` must be >= 2 (input and output Linear), got {self.num_layers}")
+
+
+@dataclass
+class MixerTranslatorConfig(HeadConfig):
+    """GlueNet's translator: residual mixer blocks plus a mirror decoder.
+
+    Attributes:
+        source_length: token count ``S`` the token mixers are built for (the student's padded window,
+            e.g. 77, 128 or 256). Shorter inputs are zero-padded to it (mask 0); longer inputs raise.
+        target_length: token count ``T`` of the produced ``prompt_embeds`` (77 for every SD teacher).
+        depth: number of residual mixer blocks in the encoder (and, mirrored, in the decoder).
+        mult: expansion factor of the hidden layer of each token / channel MLP (GlueNet uses 2).
+        with_decoder: build the mirror decoder used by the reconstruction loss (not needed at inference).
+        layer_norm_eps: epsilon of every LayerNorm.
+    """
+
+    head_type: ClassVar[str] = "mixer"
+
+    student_width: int = 1024
+    teacher_width: int = 768
+    source_length: int = 77
+    target_length: int = 77
+    depth: int = 5
+    mult: float = 2.0
+    with_decoder: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("source_length", self.source_length)
+        _check_positive("target_length", self.target_length)
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"`depth` must be an int >= 0, got {self.depth!r}")
+        if not isinstance(self.mult, int | float) or self.mult <= 0:
+            raise ValueError(f"`mult` must be a positive number, got {self.mult!r}")
+        if not isinstance(self.with_decoder, bool):
+            raise TypeError(f"`with_decoder` must be a bool, got {type(self.with_decoder).__name__}")
+
+
+@dataclass
+class LinearHeadConfig(HeadConfig):
+    """The linear projection IAP and AltDiffusion put after the student encoder.
+
+    Attributes:
+        bias: whether the token and pooled projections have a bias.
+    """
+
+    head_type: ClassVar[str] = "linear"
+
+    bias: bool = True
+
+
+@dataclass
+class LoraHeadConfig:
+    """LoRA on the student encoder's attention projections (peft), the cosine-alignment recipe's default.
+
+    Attributes:
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (``scale = alpha / r``).
+        dropout: dropout on the LoRA branch input.
+        target_modules: module-name suffixes to adapt; ``None`` picks the attention projections of the
+            student's architecture (see :func:`xling.adapters.lora.default_lora_targets`).
+        bias: peft's bias mode (``"none"``, ``"all"`` or ``"lora_only"``).
+    """
+
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: list[str] | None = field(default=None)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        _check_positive("r", self.r)
+        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be positive, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and (
+            not isinstance(self.target_modules, list | tuple)
+            or not self.target_modules
+            or not all(isinstance(t, str) for t in self.target_modules)
+        ):
+            raise ValueError(
+                f"`target_modules` must be a non-empty list of str or None, got {self.target_modules!r}"
+            )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+
+
+#: ``head_type`` -> config class, for :func:`config_from_dict`.
+CONFIG_CLASSES: dict[str, type[HeadConfig]] = {
+    cls.head_type: cls for cls in (MLPAdapterConfig, MixerTranslatorConfig, LinearHeadConfig)
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> HeadConfig:
+    """Dispatch on ``data["head_type"]`` to the matching config class.
+
+    Raises:
+        ValueError: missing or unknown ``head_type``, unknown fields, invalid values.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"config must be a dict, got {type(data).__name__}")
+    head_type = data.get("head_type")
+    if head_type not in CONFIG_CLASSES:
+        raise ValueError(f"unknown head_type {head_type!r}; expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[head_type].from_dict(data)

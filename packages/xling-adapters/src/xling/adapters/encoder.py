@@ -1,0 +1,512 @@
+"""The one Hugging Face student encoder: tokenizer + ``AutoModel`` + optional LoRA + head.
+
+Training and inference use this same class. It satisfies ``xling.core``'s ``StudentEncoder`` protocol
+structurally (``hidden_size``, ``encode``, ``__call__``) without importing ``xling.core``.
+
+Tokenisation and long prompts
+    Every prompt is cut into windows of ``window`` tokens (``min(max_length, the student's own limit)``),
+    each window ``prefix + body + suffix`` with the student's own special tokens (``[CLS] ... [SEP]`` for
+    BERT, ``<s> ... </s>`` for XLM-R) and right-padded to ``window``, as CLIP pads to 77. A prompt longer
+    than one window is **encoded in chunks** (never silently cut): window ``c`` holds body tokens
+    ``[c * body, (c + 1) * body)``, each window is encoded and mapped by the head on its own, and the
+    results are concatenated along the sequence, the way diffusers' long-prompt community pipelines
+    concatenate 77-token CLIP chunks. In a batch whose prompts need different numbers of windows, the
+    shorter prompts get filler windows holding the encoding of the empty prompt with attention mask 0.
+
+Pooled vector (``encode().pooled``), per student type (``pooling="auto"``)
+    * BERT, RoBERTa, XLM-R and any tokenizer that adds a start token: the first token of the first window
+      ([CLS] / ``<s>``), as AltDiffusion does.
+    * CLIP text encoders: the end-of-text token of the first window (CLIP's own pooling).
+    * Students without a start token (T5 / mT5 encoders): the mean of every real token.
+    The SDXL ``pooled_prompt_embeds`` come from the head applied to the first window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from xling.adapters.config import FORMAT_VERSION, LoraHeadConfig
+from xling.adapters.head import AdapterHead, masked_mean
+from xling.adapters.io import check_widths, load_head
+
+#: ``config.json`` ``format`` value of a saved language encoder directory.
+ENCODER_FORMAT = "xling-language-encoder"
+StudentWeights = Literal["frozen", "lora", "unfrozen"]
+Pooling = Literal["auto", "cls", "eos", "mean"]
+_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "altclip")
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            'the language encoder needs transformers: pip install "xling-adapters[transformers]"'
+        ) from e
+    return transformers
+
+
+@dataclass
+class StudentOutput:
+    """What :meth:`LanguageEncoder.encode` returns.
+
+    Attributes:
+        hidden_states: ``[B, C * W, d]`` student hidden states, ``C`` windows of ``W`` tokens.
+        attention_mask: ``[B, C * W]`` 1 for real tokens (special tokens included), 0 for padding and fillers.
+        pooled: ``[B, d]`` the pooled vector (see the module docstring for the rule per student type).
+        num_chunks: ``C``.
+    """
+
+    hidden_states: Tensor
+    attention_mask: Tensor
+    pooled: Tensor
+    num_chunks: int = 1
+
+
+@dataclass
+class EncoderOutput:
+    """What calling a :class:`LanguageEncoder` returns.
+
+    Attributes:
+        prompt_embeds: ``[B, C * L', D]`` teacher-width embeddings (``L'`` tokens per window from the head).
+        pooled_prompt_embeds: ``[B, P]`` (SDXL), or ``None`` when the head has no pooled output.
+        attention_mask: ``[B, C * L']`` 1 where the embedding stands for real input.
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor | None
+    attention_mask: Tensor
+
+
+@dataclass
+class LanguageEncoderConfig:
+    """How a :class:`LanguageEncoder` tokenises, which hidden layer it reads, and how its student was trained.
+
+    Attributes:
+        student_model: name or path of the student encoder (the base weights of a frozen or LoRA student).
+        language: language code of the prompts (``"zh"``).
+        max_length: window length ``W`` in tokens, special tokens included (capped by the student's limit).
+        hidden_layer: which hidden state feeds the head: ``-1`` the final output (``last_hidden_state``),
+            ``-2`` the penultimate layer (as SDXL reads CLIP), etc.
+        pooling: ``"auto"``, ``"cls"``, ``"eos"`` or ``"mean"`` (see the module docstring).
+        student_weights: ``"frozen"`` (PEA, MTN), ``"lora"`` (LoRA heads) or ``"unfrozen"`` (last layers or the
+            whole student trained, as in IAP and AltDiffusion).
+        format_version: on-disk format version.
+    """
+
+    student_model: str
+    language: str = "zh"
+    max_length: int = 77
+    hidden_layer: int = -1
+    pooling: Pooling = "auto"
+    student_weights: StudentWeights = "frozen"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.student_model, str) or not self.student_model:
+            raise ValueError(f"`student_model` must be a non-empty str, got {self.student_model!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 3:
+            raise ValueError(f"`max_length` must be an int >= 3, got {self.max_length!r}")
+        if isinstance(self.hidden_layer, bool) or not isinstance(self.hidden_layer, int):
+            raise ValueError(f"`hidden_layer` must be an int, got {self.hidden_layer!r}")
+        if self.pooling not in ("auto", "cls", "eos", "mean"):
+            raise ValueError(f"`pooling` must be 'auto', 'cls', 'eos' or 'mean', got {self.pooling!r}")
+        if self.student_weights not in ("frozen", "lora", "unfrozen"):
+            raise ValueError(
+                f"`student_weights` must be 'frozen', 'lora' or 'unfrozen', got {self.student_weights!r}"
+            )
+
+
+def _load_student_model(path: str | os.PathLike[str]) -> nn.Module:
+    """Load the encoder part of a student: ``AutoModel``, the T5 encoder alone, or CLIP's text model."""
+    transformers = _require_transformers()
+    config = transformers.AutoConfig.from_pretrained(path)
+    model_type = config.model_type
+    if model_type in ("t5", "mt5", "umt5"):
+        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[model_type]
+        return getattr(transformers, cls).from_pretrained(path)
+    if model_type == "clip":
+        return transformers.CLIPTextModel.from_pretrained(path)
+    return transformers.AutoModel.from_pretrained(path)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _as_prompt_list(prompts: str | Sequence[str], name: str = "prompts") -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"`{name}` must be a str or a sequence of str, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"`{name}` is empty")
+    return list(prompts)
+
+
+class LanguageEncoder(nn.Module):
+    """Prompts in the student's language -> the teacher's ``prompt_embeds`` (+ pooled for SDXL).
+
+    Build with :meth:`from_student` (training) or :meth:`from_pretrained` (a saved adapter directory).
+
+    Args:
+        tokenizer: the student's Hugging Face tokenizer.
+        student: the student encoder (``PreTrainedModel``, or a peft ``PeftModel`` around one).
+        head: an :class:`~xling.adapters.head.AdapterHead` whose ``student_width`` is the student's width.
+        config: a :class:`LanguageEncoderConfig`.
+    """
+
+    def __init__(
+        self, tokenizer: Any, student: nn.Module, head: AdapterHead, config: LanguageEncoderConfig
+    ) -> None:
+        super().__init__()
+        if not isinstance(head, AdapterHead):
+            raise TypeError(f"`head` must be an AdapterHead, got {type(head).__name__}")
+        self.tokenizer = tokenizer
+        self.student = student
+        self.head = head
+        self.config = config
+        base_config = _base_model(student).config
+        self.model_type: str = getattr(base_config, "model_type", "")
+        check_widths(head.config, student_width=self.hidden_size, where="the student")
+        self._prefix, self._suffix = self._special_tokens()
+        self.window: int = self._window()
+        if self.window - len(self._prefix) - len(self._suffix) < 1:
+            raise ValueError(f"window {self.window} leaves no room between the special tokens")
+        pad = tokenizer.pad_token_id
+        self._pad_id: int = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    # ---- properties -------------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        """Width ``d`` of the student's hidden states."""
+        cfg = _base_model(self.student).config
+        return int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def pooling(self) -> str:
+        """The pooling rule in force (``"auto"`` resolved)."""
+        if self.config.pooling != "auto":
+            return self.config.pooling
+        if self.model_type.startswith("clip"):
+            return "eos"
+        return "cls" if self._prefix else "mean"
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """Ids the tokenizer puts before and after a text (found by tokenising a probe with and without)."""
+        probe = "a"
+        full = list(self.tokenizer(probe, add_special_tokens=True)["input_ids"])
+        plain = list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        raise ValueError(f"cannot locate the special tokens of {type(self.tokenizer).__name__}")
+
+    def _window(self) -> int:
+        limits = [self.config.max_length]
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+            limits.append(tok_max)
+        cfg = _base_model(self.student).config
+        positions = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            # RoBERTa-style position ids start after padding_idx, so pad_token_id + 1 positions are unusable.
+            offset = (getattr(cfg, "pad_token_id", 0) or 0) + 1 if self.model_type in _ROBERTA_LIKE else 0
+            limits.append(positions - offset)
+        return min(limits)
+
+    # ---- tokenisation -----------------------------------------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Cut prompts into padded windows.
+
+        Returns:
+            ``input_ids [B, C, W]``, ``token_mask [B, C, W]`` (what the student attends to, filler windows
+            included) and ``chunk_valid [B, C]`` (False for filler windows).
+        """
+        prompts = _as_prompt_list(prompts)
+        body = self.window - len(self._prefix) - len(self._suffix)
+        # verbose=False: over-long prompts are expected here (they are chunked), not an error
+        ids = self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+        chunks = [[seq[i : i + body] for i in range(0, len(seq), body)] or [[]] for seq in ids]
+        c = max(len(ch) for ch in chunks)
+        input_ids = torch.full((len(prompts), c, self.window), self._pad_id, dtype=torch.long)
+        token_mask = torch.zeros((len(prompts), c, self.window), dtype=torch.long)
+        chunk_valid = torch.zeros((len(prompts), c), dtype=torch.bool)
+        for b, prompt_chunks in enumerate(chunks):
+            for j in range(c):
+                piece = prompt_chunks[j] if j < len(prompt_chunks) else []  # filler = the empty prompt
+                toks = self._prefix + list(piece) + self._suffix
+                input_ids[b, j, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+                token_mask[b, j, : len(toks)] = 1
+                chunk_valid[b, j] = j < len(prompt_chunks)
+        return input_ids, token_mask, chunk_valid
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def _run_student(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Student on every window: ``hidden [B*C, W, d]``, ``token_mask [B*C, W]``, ``chunk_valid [B, C]``,
+        ``per-window pooled [B*C, d]``."""
+        input_ids, token_mask, chunk_valid = self.tokenize(prompts)
+        b, c, w = input_ids.shape
+        device = self.device
+        flat_ids = input_ids.view(b * c, w).to(device)
+        flat_mask = token_mask.view(b * c, w).to(device)
+        want_all = self.config.hidden_layer != -1
+        out = self.student(input_ids=flat_ids, attention_mask=flat_mask, output_hidden_states=want_all)
+        hidden = (
+            out.hidden_states[self.config.hidden_layer] if want_all else out.last_hidden_state
+        )  # [B*C, W, d]
+        rule = self.pooling
+        if rule == "cls":
+            pooled = hidden[:, 0]
+        elif rule == "eos":
+            last = flat_mask.sum(dim=1).clamp_min(1) - 1  # index of the final real token
+            pooled = hidden[torch.arange(b * c, device=device), last]
+        else:
+            pooled = masked_mean(hidden, flat_mask)
+        return hidden, flat_mask, chunk_valid.to(device), pooled
+
+    def encode(self, prompts: str | Sequence[str]) -> StudentOutput:
+        """Student hidden states of ``prompts``.
+
+        Returns:
+            :class:`StudentOutput`: ``hidden_states [B, C*W, d]``, ``attention_mask [B, C*W]``,
+            ``pooled [B, d]``, ``num_chunks C``.
+        """
+        hidden, mask, valid, pooled = self._run_student(prompts)
+        b, c = valid.shape
+        w = hidden.shape[1]
+        mask = (mask.view(b, c, w) * valid.unsqueeze(-1)).view(b, c * w)
+        if self.pooling == "mean":
+            pooled_out = masked_mean(hidden.reshape(b, c * w, -1), mask)
+        else:
+            pooled_out = pooled.view(b, c, -1)[:, 0]
+        return StudentOutput(
+            hidden_states=hidden.reshape(b, c * w, -1), attention_mask=mask, pooled=pooled_out, num_chunks=c
+        )
+
+    def forward(self, prompts: str | Sequence[str]) -> EncoderOutput:
+        """Teacher-shaped embeddings of ``prompts`` (the head applied window by window).
+
+        Returns:
+            :class:`EncoderOutput`: ``prompt_embeds [B, C*L', D]``, ``pooled_prompt_embeds [B, P]`` or
+            ``None`` (from the first window), ``attention_mask [B, C*L']``.
+        """
+        hidden, mask, valid, pooled = self._run_student(prompts)
+        b, c = valid.shape
+        head_dtype = next(self.head.parameters()).dtype
+        out = self.head(hidden.to(head_dtype), mask, pooled=pooled.to(head_dtype))
+        embeds = out.prompt_embeds  # [B*C, L', D]
+        n = embeds.shape[1]
+        out_mask = out.attention_mask if out.attention_mask is not None else torch.ones_like(mask)
+        out_mask = (out_mask.view(b, c, n) * valid.unsqueeze(-1)).view(b, c * n)
+        pooled_out = out.pooled_prompt_embeds
+        if pooled_out is not None:
+            pooled_out = pooled_out.view(b, c, -1)[:, 0]
+        return EncoderOutput(
+            prompt_embeds=embeds.reshape(b, c * n, -1),
+            pooled_prompt_embeds=pooled_out,
+            attention_mask=out_mask,
+        )
+
+    # ---- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def from_student(
+        cls,
+        student_path: str | os.PathLike[str],
+        head: AdapterHead,
+        *,
+        lora: LoraHeadConfig | None = None,
+        unfreeze_last: int | None = None,
+        max_length: int = 77,
+        hidden_layer: int = -1,
+        pooling: Pooling = "auto",
+        language: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> LanguageEncoder:
+        """Build a trainable encoder from a Hugging Face student directory (or hub name) and a head.
+
+        The student is frozen, LoRA-adapted (``lora``) or trained in its last ``unfreeze_last`` layers;
+        the head is always trainable.
+
+        Args:
+            student_path: directory (or name) with the student's config, weights and tokenizer.
+            head: the head; its ``student_width`` must equal the student's hidden size.
+            lora: LoRA on the student's attention projections (needs ``[peft]``).
+            unfreeze_last: train the student's last ``k`` layers instead.
+            max_length: window length in tokens (capped by the student's own limit).
+            hidden_layer: which hidden state feeds the head (``-1`` last).
+            pooling: pooled-vector rule (see the module docstring).
+            language: prompt language; defaults to the head's ``language``.
+            device: where to put student and head.
+
+        Raises:
+            ValueError: both ``lora`` and ``unfreeze_last``; the head's width differs from the student's.
+        """
+        transformers = _require_transformers()
+        from xling.adapters.lora import apply_lora, unfreeze_last_layers
+
+        if lora is not None and unfreeze_last is not None:
+            raise ValueError("pass either `lora` or `unfreeze_last`, not both")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(student_path)
+        model = _load_student_model(student_path)
+        model.requires_grad_(False)
+        mode: StudentWeights = "frozen"
+        if lora is not None:
+            model = apply_lora(model, lora)
+            mode = "lora"
+        elif unfreeze_last is not None:
+            unfreeze_last_layers(model, unfreeze_last)
+            mode = "unfrozen"
+        if head.config.student_model is None:
+            head.config.student_model = str(student_path)
+        config = LanguageEncoderConfig(
+            student_model=str(student_path),
+            language=language or head.config.language,
+            max_length=max_length,
+            hidden_layer=hidden_layer,
+            pooling=pooling,
+            student_weights=mode,
+        )
+        encoder = cls(tokenizer, model, head, config)
+        return encoder.to(device) if device is not None else encoder
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, include_student: bool = False) -> Path:
+        """Write a self-contained adapter directory.
+
+        Layout::
+
+            config.json        {"format": "xling-language-encoder", "format_version": 1, "layout": {...}, "encoder": {...}}
+            head/              config.json + model.safetensors
+            tokenizer/         the student's tokenizer (save_pretrained)
+            student/           the student's weights (safetensors), when it was trained or include_student
+            student_lora/      peft adapter (adapter_config.json + adapter_model.safetensors), for a LoRA student
+
+        A frozen student is not copied unless ``include_student``: loading reads it from ``student_model``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.head.save_pretrained(directory / "head")
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        mode = self.config.student_weights
+        base = _base_model(self.student)
+        trained = any(p.requires_grad for p in base.parameters()) and mode == "frozen"
+        layout: dict[str, str | None] = {
+            "head": "head",
+            "tokenizer": "tokenizer",
+            "student": None,
+            "student_lora": None,
+        }
+        if mode == "lora":
+            self.student.save_pretrained(str(directory / "student_lora"))
+            layout["student_lora"] = "student_lora"
+            if include_student:
+                # the base weights alone, so the peft adapter is applied once on load
+                _save_plain(base, directory / "student")
+                layout["student"] = "student"
+        elif mode == "unfrozen" or trained or include_student:
+            base.save_pretrained(str(directory / "student"), safe_serialization=True)
+            layout["student"] = "student"
+            if trained:
+                mode = "unfrozen"
+        encoder_cfg = {**dataclasses.asdict(self.config), "student_weights": mode}
+        payload = {
+            "format": ENCODER_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "layout": layout,
+            "encoder": encoder_cfg,
+        }
+        (directory / "config.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        student_path: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LanguageEncoder:
+        """Load a directory written by :meth:`save_pretrained` (in eval mode, nothing trainable).
+
+        Args:
+            directory: the adapter directory.
+            student_path: where the base student lives when the directory does not hold it (a frozen or
+                LoRA student); defaults to the ``student_model`` recorded at save time.
+            device: where to put the encoder.
+            dtype: cast student and head to this dtype (e.g. ``torch.float16`` on a GPU).
+
+        Raises:
+            FileNotFoundError: missing files. ValueError: not an encoder directory, or a newer format.
+        """
+        transformers = _require_transformers()
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"no language-encoder config at {cfg_path}")
+        try:
+            payload = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
+            raise ValueError(
+                f"{cfg_path} is not a language-encoder config (format {ENCODER_FORMAT!r}); "
+                "a head directory loads with xling.adapters.load_head"
+            )
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} has format_version {version!r}; this xling-adapters reads <= {FORMAT_VERSION}"
+            )
+        try:
+            config = LanguageEncoderConfig(**payload["encoder"])
+            layout = payload["layout"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: invalid encoder config: {e}") from e
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / layout["tokenizer"]))
+        if layout.get("student"):
+            model = _load_student_model(directory / layout["student"])
+        else:
+            model = _load_student_model(student_path if student_path is not None else config.student_model)
+        if layout.get("student_lora"):
+            from xling.adapters.lora import _require_peft
+
+            peft = _require_peft()
+            model = peft.PeftModel.from_pretrained(model, str(directory / layout["student_lora"]))
+        head = load_head(directory / layout["head"])
+        encoder = cls(tokenizer, model, head, config)
+        encoder.requires_grad_(False)
+        encoder.eval()
+        if dtype is not None:
+            encoder = encoder.to(dtype=dtype)
+        return encoder.to(device) if device is not None else encoder
+
+
+def _save_plain(model: nn.Module, directory: Path) -> None:
+    """Save the base weights of a peft-wrapped model without its LoRA tensors, under their original names."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer", "")] = tensor.detach().contiguous().cpu()
+    model.config.save_pretrained(str(directory))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
