@@ -1,1 +1,48 @@
-"""Recipes, the accelerate training loop, data, evaluation, the toy world and the xling command line."""
+"""Recipes, the accelerate training loop, data, evaluation, the toy world and the xling command line.
+
+The public names load lazily so that ``xling --help`` does not import torch.
+
+Example:
+    >>> from xling.train import run_recipe  # doctest: +SKIP
+    >>> result = run_recipe("iap", overrides={"max_steps": 50, "output_dir": "runs/iap"})  # doctest: +SKIP
+    >>> result.adapter_dir  # doctest: +SKIP
+    PosixPath('runs/iap/adapter')
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "run_recipe": "xling.train.recipes",
+    "recipe_module": "xling.train.recipes",
+    "RECIPES": "xling.train.config",
+    "RecipeConfig": "xling.train.config",
+    "IAPConfig": "xling.train.config",
+    "PEAConfig": "xling.train.config",
+    "MTNConfig": "xling.train.config",
+    "AlignConfig": "xling.train.config",
+    "DistillConfig": "xling.train.config",
+    "DenoiseConfig": "xling.train.config",
+    "DataConfig": "xling.train.config",
+    "EvalConfig": "xling.train.config",
+    "load_config": "xling.train.config",
+    "RunResult": "xling.train.loop",
+    "NonFiniteTrainingError": "xling.train.loop",
+    "train": "xling.train.loop",
+    "Batch": "xling.train.recipes.base",
+    "TrainStep": "xling.train.recipes.base",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xling.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,108 @@
+"""Dispatch: the Triton kernels when they can run (a CUDA tensor, or `TRITON_INTERPRET=1`), else the reference.
+
+Both paths share one signature, one validation and one rule for fully masked rows (`o2 = 0`, zero gradient).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from xling.kernels.reference import dual_attention_mse_reference, dual_attention_reference
+
+try:  # Triton is Linux-only and optional: without it everything runs on the reference.
+    import triton  # noqa: F401
+except ImportError:
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+
+if HAS_TRITON:
+    from xling.kernels.dual_attention import triton_dual_attention
+    from xling.kernels.dual_attention_mse import triton_dual_attention_mse
+
+
+def use_triton(q: torch.Tensor) -> bool:
+    """Whether :func:`dual_attention` runs the Triton kernels for this query tensor.
+
+    Args:
+        q: Queries `[B, H, N, d]`.
+
+    Returns:
+        True when Triton is installed and `q` is on a CUDA device or `TRITON_INTERPRET=1` is set.
+    """
+    if not HAS_TRITON or not isinstance(q, torch.Tensor):
+        return False  # a non-tensor goes to the reference, whose validation names the bad argument
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dual_attention(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    v1: torch.Tensor,
+    k2: torch.Tensor,
+    v2: torch.Tensor,
+    *,
+    mask2: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend one query to two key/value sets in one pass: `o_i = softmax(scale * q k_i^T) v_i`.
+
+    Branch 1 (e.g. the English teacher) is a constant target: `o1` carries no grad. Gradients reach `q`, `k2`
+    and `v2` through `o2`. Inputs may be non-contiguous (diffusers' `view(B, N, H, d).transpose(1, 2)`).
+
+    Args:
+        q: Queries `[B, H, N, d]`; fp32, fp16 or bf16 (all five tensors share the dtype).
+        k1: Keys of branch 1 `[B, H, M1, d]`.
+        v1: Values of branch 1 `[B, H, M1, d]`.
+        k2: Keys of branch 2 `[B, H, M2, d]`.
+        v2: Values of branch 2 `[B, H, M2, d]`.
+        mask2: Optional key-padding mask of branch 2 `[B, M2]`, bool, True = attend. A batch element whose
+            mask is all False gets `o2 = 0` and zero gradient (never NaN).
+        scale: Softmax scale, default `1 / sqrt(d)`.
+
+    Returns:
+        `(o1, o2)`, each `[B, H, N, d]` in the input dtype.
+
+    Raises:
+        TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
+        ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
+    """
+    fn = triton_dual_attention if use_triton(q) else dual_attention_reference
+    return fn(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+
+
+def dual_attention_mse(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    v1: torch.Tensor,
+    k2: torch.Tensor,
+    v2: torch.Tensor,
+    *,
+    mask2: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch-1 output and `loss = mean((o1 - o2)^2)` (IAP eq. 3), fused so `o2` is never written to memory.
+
+    The Triton loss is deterministic (bit-identical across runs); its backward recomputes `o2` from saved
+    log-sum-exp statistics.
+
+    Args:
+        q: Queries `[B, H, N, d]`.
+        k1: Keys of branch 1 `[B, H, M1, d]`.
+        v1: Values of branch 1 `[B, H, M1, d]`.
+        k2: Keys of branch 2 `[B, H, M2, d]`.
+        v2: Values of branch 2 `[B, H, M2, d]`.
+        mask2: Optional key-padding mask `[B, M2]`, bool, True = attend (fully masked rows: `o2 = 0`).
+        scale: Softmax scale, default `1 / sqrt(d)`.
+
+    Returns:
+        `(o1, loss)`: `o1` `[B, H, N, d]` without grad, `loss` an fp32 scalar, the mean over `B*H*N*d`.
+
+    Raises:
+        TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
+        ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
+    """
+    fn = triton_dual_attention_mse if use_triton(q) else dual_attention_mse_reference
+    return fn(q, k1, v1, k2, v2, mask2=mask2, scale=scale)

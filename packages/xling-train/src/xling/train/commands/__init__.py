@@ -1,0 +1,1 @@
+"""Subcommands of the ``xling`` command line; each module exposes ``register(subparsers)``."""

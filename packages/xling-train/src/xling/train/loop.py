@@ -1,0 +1,482 @@
+"""The one training loop every recipe runs on (accelerate).
+
+The recipe hands over a :class:`~xling.train.recipes.base.TrainStep`: an ``nn.Module`` whose registered
+parameters are the trainable part (frozen teachers are held unregistered) and whose ``forward(batch)`` returns
+``(total, logs)``. The loop owns everything else: devices and processes, mixed precision (frozen modules in the
+half dtype, trainable ones fp32), gradient accumulation, clipping, the lr schedule, trackers, tqdm, periodic
+validation, atomic rotated checkpoints, exact resume and the non-finite stop.
+
+Exact resume rests on three choices: the data order comes from :class:`EpochBatchSampler` (a permutation
+seeded by ``seed + epoch``, skipped into with ``accelerator.skip_first_batches``); the per-row noise and
+timesteps come from generators seeded by ``(seed, step, row index)`` (see ``recipes.base.row_generators``), so
+they depend neither on the process count nor on where a run was resumed; the DataLoader draws its worker seed
+from its own generator, so starting a fresh iterator does not move the global RNG that dropout uses (restored by
+``load_state``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from xling.train.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from xling.train.config import RecipeConfig, dump_yaml, flat_dict
+from xling.train.recipes.base import TrainStep, collate_rows
+
+__all__ = [
+    "EpochBatchSampler",
+    "NonFiniteTrainingError",
+    "RunResult",
+    "build_lr_scheduler",
+    "cast_frozen",
+    "frozen_dtype",
+    "make_accelerator",
+    "train",
+]
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """A loss term became NaN/inf; the run stopped before the update, the last checkpoint is intact.
+
+    Attributes:
+        step: the update (1-based) whose loss was not finite.
+        terms: names of the non-finite terms (all terms if the recipe did not say).
+        checkpoint: the last good checkpoint, or ``None`` if none was written yet.
+    """
+
+    def __init__(self, step: int, terms: Sequence[str], checkpoint: Path | None, detail: str = "") -> None:
+        self.step, self.terms, self.checkpoint = step, list(terms), checkpoint
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite loss at step {step} in term(s) {', '.join(self.terms) or '?'}; training stopped "
+            f"before the update ({where}). {detail}".strip()
+        )
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced.
+
+    Attributes:
+        recipe: recipe name.
+        output_dir: the run directory.
+        adapter_dir: the trained adapter (``LanguageEncoder.save_pretrained`` format), if the recipe has one.
+        config_path: the resolved ``config.yaml``.
+        steps: updates done in total (including those before a resume).
+        losses: total loss of every update this call ran (mean over micro-batches and processes).
+        logs: every logged term of every update this call ran.
+        val_logs: the last validation losses (``val/<term>``).
+        wall_time_s: seconds this call spent training (model loading and the report excluded).
+        trainable_parameters: number of trainable parameters.
+        files: other outputs by name (``"kv_weights"``, ``"report"``, ``"grid"``, ...).
+    """
+
+    recipe: str
+    output_dir: Path
+    adapter_dir: Path | None
+    config_path: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    logs: list[dict[str, float]] = field(default_factory=list)
+    val_logs: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    trainable_parameters: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Seeded, sharded batch sampler: epoch ``e`` is ``randperm(num_rows, seed + e)`` cut into global batches
+    of ``batch_size * num_replicas``; process ``rank`` takes its contiguous slice of each. The global batch is
+    thus the same for any process count, which is what makes 1-process and N-process runs agree.
+
+    Args:
+        num_rows: dataset length.
+        batch_size: rows per process per batch.
+        seed: base seed of the permutation.
+        num_replicas: number of processes.
+        rank: this process.
+        shuffle: permute (``False``: dataset order, for validation).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        *,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if num_rows < batch_size * num_replicas:
+            raise ValueError(
+                f"the dataset has {num_rows} rows, fewer than one global batch "
+                f"(batch_size {batch_size} x {num_replicas} processes)"
+            )
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows // (self.batch_size * self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(
+                self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            )
+        else:
+            order = torch.arange(self.num_rows)
+        per_global = self.batch_size * self.num_replicas
+        for b in range(len(self)):
+            start = b * per_global + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+
+class _IndexedStream(IterableDataset):
+    """Pairs every streamed row with a placeholder index; the loop numbers rows by stream position."""
+
+    def __init__(self, rows: IterableDataset) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for row in self.rows:
+            yield -1, row
+
+
+class _Indexed(Dataset):
+    """Adds the row index (the noise seed) to every row of ``rows``."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.rows[i]
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every submodule of ``module`` without trainable parameters to ``dtype`` (and to eval mode), keeping
+    the trainable ones fp32: frozen weights in the half dtype halve their memory, while the optimizer keeps
+    full-precision master weights for what it updates."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.to(dtype).eval()
+        else:
+            cast_frozen(child, dtype)
+    for p in module.parameters(recurse=False):
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then ``cosine`` (to 0 at ``total_steps``), ``linear`` (to 0) or ``constant``."""
+    if name not in ("cosine", "linear", "constant"):
+        raise ValueError(f"lr_scheduler must be cosine, linear or constant, got {name!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(config: RecipeConfig) -> Any:
+    """The ``accelerate.Accelerator`` of a run: mixed precision, accumulation, trackers under ``output_dir/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(config.output_dir)
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.log_with == "none" else config.log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+    )
+
+
+def frozen_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype frozen modules run in: the mixed-precision half dtype, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        str(accelerator.mixed_precision), torch.float32
+    )
+
+
+def _tracker_config(config: RecipeConfig) -> dict[str, Any]:
+    # Trackers take scalars only.
+    return {
+        k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat_dict(config).items()
+    }
+
+
+def _loader(rows: Any, sampler: Sampler, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        _Indexed(rows),
+        batch_sampler=sampler,
+        collate_fn=collate_rows,
+        num_workers=num_workers,
+        # Its own generator: a new iterator then leaves the global RNG (dropout's) where load_state put it.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _finite_or_names(total: torch.Tensor, logs: dict[str, torch.Tensor]) -> list[str]:
+    bad = [k for k, v in logs.items() if not torch.isfinite(v.detach()).all()]
+    if not bad and not torch.isfinite(total.detach()).all():
+        bad = ["total"]
+    return bad
+
+
+@torch.no_grad()
+def _validate(
+    step_module: nn.Module, loader: DataLoader | None, device: torch.device, step: int
+) -> dict[str, float]:
+    if loader is None:
+        return {}
+    was_training = step_module.training
+    step_module.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in loader:
+        batch = batch.to(device)
+        batch.step = step
+        total, logs = step_module(batch)
+        for k, v in {"total": total, **logs}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+        n += 1
+    step_module.train(was_training)
+    return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+def train(
+    step_module: TrainStep,
+    config: RecipeConfig,
+    train_rows: Any,
+    val_rows: Any | None = None,
+    *,
+    accelerator: Any | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Train ``step_module`` on ``train_rows`` as ``config`` says and write the run directory.
+
+    Args:
+        step_module: the recipe's trainable step (``forward(batch) -> (total, logs)``, ``save(dir)``).
+        config: the resolved recipe config.
+        train_rows: a map-style dataset of rows (dicts with ``en``, ``zh`` and optionally ``image`` /
+            ``latents`` / ``culture``), or an ``IterableDataset`` of them (tar shards, split by rank by the
+            corpus itself; the shards should hold about as many rows per process).
+        val_rows: validation rows (optional).
+        accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``config``).
+        on_step: called with ``(step, logs)`` on the main process after every update (and its checkpoint).
+
+    Returns:
+        The :class:`RunResult`. Raises :class:`NonFiniteTrainingError` when a loss term is not finite.
+    """
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir)
+    accelerator = accelerator or make_accelerator(config)
+    device = accelerator.device
+    half = frozen_dtype(accelerator)
+
+    cast_frozen(step_module, half)
+    step_module.to(device)
+    trainable = [p for p in step_module.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"recipe {config.recipe!r} built a step with no trainable parameters")
+    n_trainable = sum(p.numel() for p in trainable)
+
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps)
+    model, optimizer = accelerator.prepare(step_module, optimizer)
+    # Stepped by hand once per update (a prepared scheduler steps once per process); saved with the state.
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    streamed = isinstance(train_rows, IterableDataset)
+    if streamed:
+        # Tar shards: each process reads its own shards (the corpus splits them by rank); the epoch is
+        # whatever the stream yields, and rows are numbered by their position for the noise seeds.
+        sampler = None
+        loader = DataLoader(
+            _IndexedStream(train_rows),
+            batch_size=config.batch_size,
+            collate_fn=collate_rows,
+            num_workers=config.data.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(config.seed),  # keep the global (dropout) RNG untouched
+        )
+    else:
+        sampler = EpochBatchSampler(
+            len(train_rows),
+            config.batch_size,
+            seed=config.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+        loader = _loader(train_rows, sampler, config.data.num_workers, config.seed)
+    val_loader = None
+    if val_rows is not None and len(val_rows) > 0:
+        val_sampler = EpochBatchSampler(
+            len(val_rows), min(config.batch_size, len(val_rows)), seed=config.seed, shuffle=False
+        )
+        val_loader = _loader(val_rows, val_sampler, 0, config.seed)
+
+    state = TrainerState()
+    resume_from = resolve_resume(config.resume, output_dir)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    last_checkpoint = resume_from
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.trackers == [] and config.log_with != "none":
+        accelerator.init_trackers(f"xling-{config.recipe}", config=_tracker_config(config))
+
+    result = RunResult(
+        recipe=config.recipe,
+        output_dir=output_dir,
+        adapter_dir=None,
+        config_path=output_dir / "config.yaml",
+        steps=state.step,
+        trainable_parameters=n_trainable,
+    )
+    progress = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        desc=f"xling train {config.recipe}",
+        disable=not accelerator.is_local_main_process,
+    )
+    model.train()  # TrainStep.train keeps its frozen submodules in eval mode
+    started = time.perf_counter()
+    sums: dict[str, float] = {}
+    n_micro = 0
+
+    while state.step < config.max_steps:
+        (train_rows if streamed else sampler).set_epoch(state.epoch)
+        epoch_loader = (
+            accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        )
+        seen_in_epoch = state.batch_in_epoch
+        for batch in epoch_loader:
+            seen_in_epoch += 1
+            if streamed:
+                first = (state.micro_batches * accelerator.num_processes + accelerator.process_index) * len(
+                    batch
+                )
+                batch.index = torch.arange(first, first + len(batch))
+            batch = batch.to(device)
+            batch.step = state.step
+            with accelerator.accumulate(model):
+                bad: list[str] = []
+                detail = ""
+                try:
+                    total, logs = model(batch)
+                    bad = _finite_or_names(total, logs)
+                except FloatingPointError as err:  # xling.losses.NonFiniteLossError
+                    bad, detail = list(getattr(err, "terms", None) or ["?"]), str(err)
+                # Every process learns whether any process saw a non-finite loss, so none is left waiting
+                # in a collective while the others stop.
+                flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=device), "sum")
+                if float(flag) > 0:
+                    progress.close()
+                    raise NonFiniteTrainingError(state.step + 1, bad, last_checkpoint, detail)
+                accelerator.backward(total)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for k, v in {"total": total, **logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+            n_micro += 1
+            state.micro_batches += 1
+            state.batch_in_epoch += 1
+            if sampler is not None and state.batch_in_epoch >= len(sampler):
+                # An accumulation window left open here simply continues into the next epoch.
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            state.step += 1
+            local = torch.tensor([sums[k] / n_micro for k in sorted(sums)], device=device)
+            mean = accelerator.reduce(local, "mean")
+            step_logs = {f"train/{k}": float(v) for k, v in zip(sorted(sums), mean.tolist())}
+            step_logs["train/lr"] = lr_scheduler.get_last_lr()[0]
+            sums, n_micro = {}, 0
+            result.losses.append(step_logs["train/total"])
+            result.logs.append(step_logs)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_logs['train/total']:.4g}")
+            if state.step % config.log_every == 0 or state.step == config.max_steps:
+                accelerator.log(step_logs, step=state.step)
+            if config.validate_every and state.step % config.validate_every == 0:
+                result.val_logs = _validate(model, val_loader, device, state.step)
+                accelerator.log(result.val_logs, step=state.step)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                last_checkpoint = save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(state.step, step_logs)
+            if state.step >= config.max_steps:
+                break
+        else:
+            if streamed:
+                if seen_in_epoch == 0:
+                    raise ValueError("the streamed corpus yielded no full batch: fewer rows than batch_size")
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    progress.close()
+    result.wall_time_s = time.perf_counter() - started
+    result.steps = state.step
+    if not result.val_logs or (config.validate_every and state.step % config.validate_every):
+        result.val_logs = _validate(model, val_loader, device, state.step)
+        if result.val_logs:
+            accelerator.log(result.val_logs, step=state.step)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        files = unwrapped.save(output_dir)
+        result.adapter_dir = files.pop("adapter", None)
+        result.files.update(files)
+        result.config_path.write_text(dump_yaml(config))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if list_checkpoints(output_dir):
+        result.files["last_checkpoint"] = list_checkpoints(output_dir)[-1]
+    return result

@@ -1,0 +1,111 @@
+"""The committed toy students: tokenizer coverage, Hugging Face loading, and the pretraining helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xling.train.toyworld import student as toy
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[str]:
+    return toy.world_chinese_captions("all", variants=4)
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_variant_loads_with_auto_classes(pretrained: bool) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = toy.student_path(pretrained=pretrained)
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
+    model = AutoModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(model).__name__ == "BertModel" and tokenizer.is_fast
+    record = json.loads((path / "toy_student.json").read_text())
+    assert record["variant"] == ("pretrained" if pretrained else "random")
+    batch = tokenizer(["左边的红色圆形", "红色圆形"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape == (2, batch["input_ids"].shape[1], model.config.hidden_size)
+    assert torch.isfinite(hidden).all()
+    total = sum(p.numel() for p in model.parameters())
+    assert total < 2_000_000  # "tiny": the whole variant stays a few MB
+
+
+def test_tokenizer_covers_every_grammar_character(captions: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.student_path())
+    unk = tokenizer.unk_token_id
+    for caption in captions:
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        assert unk not in ids, f"{caption!r} has characters outside the vocabulary"
+        # character level: one token per non-space character
+        assert len(ids) == len(caption.replace(" ", "")), caption
+    assert len(tokenizer(captions[0], truncation=True)["input_ids"]) <= tokenizer.model_max_length
+
+
+def test_variants_share_initialisation_and_differ_by_pretraining() -> None:
+    from transformers import AutoModel
+
+    random = AutoModel.from_pretrained(toy.student_path(pretrained=False)).state_dict()
+    pretrained = AutoModel.from_pretrained(toy.student_path(pretrained=True)).state_dict()
+    assert random.keys() == pretrained.keys()
+    # MLM never trains the pooler, so it keeps the shared seeded initialisation; the encoder moved.
+    assert torch.equal(random["pooler.dense.weight"], pretrained["pooler.dense.weight"])
+    assert not torch.equal(random["encoder.layer.0.attention.self.query.weight"],
+                           pretrained["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
+    stats = json.loads((toy.student_path() / "toy_student.json").read_text())["mlm"]
+    assert stats["probe_masked_accuracy_after"] > stats["probe_masked_accuracy_before"] + 0.3
+
+
+def test_heldout_combinations_stay_out_of_the_mlm_corpus() -> None:
+    train = set(toy.world_chinese_captions("train", variants=0))
+    heldout = set(toy.world_chinese_captions("heldout", variants=0))
+    assert heldout and not (train & heldout)
+
+
+def test_mask_tokens_rules() -> None:
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 3, 0, 0, 0]])
+    special = torch.isin(ids, torch.tensor([0, 2, 3]))
+    g = torch.Generator().manual_seed(0)
+    inputs, labels = toy.mask_tokens(
+        ids, special, mask_token_id=4, vocab_size=20, first_regular_id=5, probability=0.15, generator=g
+    )
+    assert (labels[special] == -100).all()
+    assert ((labels != -100).sum(dim=1) >= 1).all()  # one target per row at least
+    assert torch.equal(inputs[special], ids[special])
+    picked = labels != -100
+    assert torch.equal(labels[picked], ids[picked])
+    again, labels2 = toy.mask_tokens(
+        ids, special, mask_token_id=4, vocab_size=20, first_regular_id=5, probability=0.15,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert torch.equal(inputs, again) and torch.equal(labels, labels2)
+    with pytest.raises(ValueError, match="shape"):
+        toy.mask_tokens(ids, special[:, :3], mask_token_id=4, vocab_size=20, first_regular_id=5,
+                        probability=0.15, generator=g)  # fmt: skip
+
+
+def test_pretraining_is_seeded_and_learns(tmp_path) -> None:
+    texts = ["左边的红色圆形", "右边的蓝色正方形", "上面的绿色三角形", "下面的黄色圆形"]
+    config = toy.ToyStudentConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, mlm_steps=40,
+        mlm_batch_size=8, mlm_lr=3e-3,
+    )  # fmt: skip
+    tokenizer = toy.build_student_tokenizer(texts, max_length=16)
+    a, stats = toy.pretrain_mlm(tokenizer, texts, config, log_every=0)
+    b, _ = toy.pretrain_mlm(tokenizer, texts, config, log_every=0)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert stats["probe_masked_accuracy_after"] > stats["probe_masked_accuracy_before"]
+    path = toy.save_student(tmp_path / "s", a, tokenizer, config, {"variant": "test"})
+    from transformers import AutoModel
+
+    assert torch.equal(AutoModel.from_pretrained(path).embeddings.word_embeddings.weight,
+                       a.embeddings.word_embeddings.weight)  # fmt: skip
+    with pytest.raises(ValueError, match="divisible"):
+        toy.ToyStudentConfig(hidden_size=10, num_attention_heads=4)

@@ -1,0 +1,37 @@
+"""Keeps benchmarks/train/bench_iap_step.py running: one tiny step of each method on the tiny SD1 fixture."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train" / "bench_iap_step.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_iap_step", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("attention", ["reference", "kernel"])
+def test_bench_iap_step_runs_on_tiny_teacher(tiny_sd1_path: Path, tmp_path: Path, attention: str) -> None:
+    bench = _load()
+    out = tmp_path / "result.json"
+    argv = ["--teacher", str(tiny_sd1_path), "--device", "cpu", "--batch-size", "2", "--text-len", "8"]
+    argv += ["--student-width", "32", "--student-layers", "1", "--iters", "1", "--warmup", "0"]
+    argv += ["--attention", attention, "--json", str(out)]
+    info = bench.main(argv)
+    assert json.loads(out.read_text())["batch"] == 2
+    methods = {r["method"]: r for r in info["results"]}
+    assert set(methods) == {"pivot", "naive"}
+    assert info["cross_attention_layers"] > 0
+    for result in methods.values():
+        assert result["samples_per_s"] > 0 and result["loss"] > 0
+    assert info["speedup"] > 0 and "| pivot |" in bench.markdown(info)

@@ -1,0 +1,116 @@
+"""``xling generate`` / ``xling eval`` / ``xling bench`` end to end on the toy world with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xling.train.cli import main
+from xling.train.commands import bench
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised linear head on the pretrained toy student, saved as an adapter directory."""
+    import torch
+
+    from xling.adapters.config import LinearHeadConfig
+    from xling.adapters.encoder import LanguageEncoder
+    from xling.adapters.linear import LinearHead
+    from xling.train.toyworld import teacher_path
+    from xling.train.toyworld.student import student_path
+
+    unet_config = json.loads((teacher_path() / "unet" / "config.json").read_text())
+    torch.manual_seed(0)
+    student = student_path(pretrained=True)
+    width = json.loads((student / "config.json").read_text())["hidden_size"]
+    head = LinearHead(LinearHeadConfig(student_width=width, teacher_width=unet_config["cross_attention_dim"]))
+    return LanguageEncoder.from_student(student, head).save_pretrained(tmp_path_factory.mktemp("adapter"))
+
+
+def test_generate_writes_seeded_pngs(adapter_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    args = ["generate", "--adapter", str(adapter_dir), "红色的圆形", "左边的蓝色正方形", "--seeds", "0", "1"]
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "b")]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert files == ["000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png"]
+    index = json.loads((tmp_path / "a" / "images.json").read_text())
+    assert [i["prompt"] for i in index["images"]] == ["红色的圆形"] * 2 + ["左边的蓝色正方形"] * 2
+    first = [np.asarray(Image.open(tmp_path / d / "000-seed0.png")) for d in ("a", "b")]
+    assert first[0].ndim == 3 and first[0].shape[2] == 3
+    assert np.array_equal(*first)  # same seed, same image
+    other = np.asarray(Image.open(tmp_path / "a" / "000-seed1.png"))
+    assert not np.array_equal(first[0], other)
+
+
+def test_generate_missing_adapter_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--adapter", str(tmp_path / "nope"), "红色的圆形", "--out", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_eval_prints_and_writes_metrics(
+    adapter_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "eval"
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(adapter_dir),
+            "--max-scenes",
+            "3",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"zh_student", "perfect_translation", "en_teacher"}
+    for acc in metrics["accuracy"].values():
+        assert set(acc) == {"color", "shape", "position", "all"} and all(0 <= v <= 1 for v in acc.values())
+    assert metrics["settings"]["images_per_condition"] == 3
+    assert metrics["alignment"]["attention_mse"] is None or metrics["alignment"]["attention_mse"] > 0
+    assert (out / "grid.png").is_file() and (out / "report.md").is_file()
+    assert "Checker accuracy" in capsys.readouterr().out
+
+
+def test_bench_tiny_run_keeps_the_rest_of_the_doc(tmp_path: Path) -> None:
+    doc = tmp_path / "toyworld.md"
+    doc.write_text("# The toy world\n\n## Teacher\n\nTeacher numbers from C1.\n")
+    rc = main(
+        [
+            "bench", "--recipes", "align", "--steps", "2", "--eval-every", "1", "--max-scenes", "2",
+            "--seeds", "0", "--eval-steps", "2", "--output-dir", str(tmp_path / "runs"), "--doc", str(doc),
+            "--set", "batch_size=4", "align:data.num_samples=8",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    text = doc.read_text()
+    assert "Teacher numbers from C1." in text and bench.BEGIN in text and bench.END in text
+    assert "| align |" in text and "English teacher" in text
+    assert (tmp_path / "images" / "toyworld-bench.png").is_file()
+    result = json.loads((tmp_path / "runs" / "bench.json").read_text())
+    (align,) = result["recipes"]
+    assert align["error"] is None and align["steps"] == 2 and align["trainable_parameters"] > 0
+    assert [s for s, _ in align["curve"]] == [1, 2]
+    # A second run replaces the section instead of appending another.
+    bench.update_doc(doc, "### Results\n\nreplaced\n")
+    assert doc.read_text().count(bench.BEGIN) == 1 and "replaced" in doc.read_text()
+
+
+def test_bench_override_parsing() -> None:
+    out = bench.parse_overrides(["lr=1e-4", "iap:data.path=C:/x.jsonl", "pea:hybrid=true"], ["iap", "pea"])
+    assert out == {"iap": {"lr": "1e-4", "data.path": "C:/x.jsonl"}, "pea": {"lr": "1e-4", "hybrid": "true"}}
+    with pytest.raises(ValueError, match="not benchmarked"):
+        bench.parse_overrides(["mtn:lr=1"], ["iap"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.parse_overrides(["lr"], ["iap"])
