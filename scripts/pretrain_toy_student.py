@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlm-batch-size", type=int, default=defaults.mlm_batch_size)
     parser.add_argument("--mlm-lr", type=float, default=defaults.mlm_lr)
     parser.add_argument("--variants", type=int, default=8, help="paraphrase draws per scene for the corpus")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: no oversubscription on a shared CPU)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -48,7 +48,12 @@ SD15_UNET = {
     "out_channels": 4,
     "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
@@ -157,15 +162,21 @@ def pin_glibc_mmap_threshold() -> bool:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=["toy", "sd15", "tiny"], default="toy")
-    parser.add_argument("--teacher", help="a diffusers model dir whose unet/ to load (overrides --config's UNet)")
+    parser.add_argument(
+        "--teacher", help="a diffusers model dir whose unet/ to load (overrides --config's UNet)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="UNet dtype")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--text-len", type=int, default=77)
     parser.add_argument("--student-width", type=int, default=None)
     parser.add_argument("--student-layers", type=int, default=None)
-    parser.add_argument("--attention", choices=["kernel", "reference"], default="kernel",
-                        help="fused kernel (xling.kernels, Triton on CUDA) or core's SDPA reference")
+    parser.add_argument(
+        "--attention",
+        choices=["kernel", "reference"],
+        default="kernel",
+        help="fused kernel (xling.kernels, Triton on CUDA) or core's SDPA reference",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--methods", default="pivot,naive")
@@ -178,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sd15 = args.config == "sd15"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if cuda else "fp32")]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if cuda else "fp32")
+    ]
     batch = args.batch_size or (8 if sd15 else 4)
     width = args.student_width or (768 if sd15 else 64)
     layers = args.student_layers or (12 if sd15 else 2)
@@ -188,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unet = build_unet(args.config, args.teacher).to(device=device, dtype=dtype).eval().requires_grad_(False)
     cfg = unet.config
     latent = int(cfg.sample_size)
-    student = Student(width, layers, max(1, width // 64), int(cfg.cross_attention_dim)).to(device)  # fp32 trainable
+    student = Student(width, layers, max(1, width // 64), int(cfg.cross_attention_dim)).to(
+        device
+    )  # fp32 trainable
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tap.clear()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     captured: list[torch.Tensor] = []
     hooks = [
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         captured.clear()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     steps: dict[str, Callable[[], float]] = {"pivot": pivot_step, "naive": naive_step}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -275,13 +290,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 elapsed = time.perf_counter() - start
             base, peak = rss.base, rss.peak
         results.append(
-            Result(method, batch * args.iters / elapsed, 1000 * elapsed / args.iters, peak / 2**20, (peak - base) / 2**20, losses[0])
+            Result(
+                method,
+                batch * args.iters / elapsed,
+                1000 * elapsed / args.iters,
+                peak / 2**20,
+                (peak - base) / 2**20,
+                losses[0],
+            )
         )
     for hook in hooks:
         hook.remove()
 
     info = {
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "config": args.config if args.teacher is None else f"unet from {args.teacher}",
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 1),
@@ -289,8 +313,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": batch,
         "latent": f"{cfg.in_channels}x{latent}x{latent}",
         "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention if not (args.attention == "kernel" and not cuda and os.environ.get("TRITON_INTERPRET") != "1") else "kernel (reference fallback on CPU)",
-        "memory": "cuda max_memory_allocated" if cuda else f"RSS peak sampled at 0.5 ms (mallopt pinned: {pinned})",
+        "attention": args.attention
+        if not (args.attention == "kernel" and not cuda and os.environ.get("TRITON_INTERPRET") != "1")
+        else "kernel (reference fallback on CPU)",
+        "memory": "cuda max_memory_allocated"
+        if cuda
+        else f"RSS peak sampled at 0.5 ms (mallopt pinned: {pinned})",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "iters": args.iters,

@@ -28,7 +28,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 # Max-abs error over max(max-abs of the fp32 reference, 1): relative for the O(1..100) values these unit-variance
 # inputs give, absolute near zero (e.g. dq for a single key, mathematically 0, is pure rounding noise).
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+TOL = {torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 pytestmark = pytest.mark.skipif(not xk.HAS_TRITON, reason="triton is not installed")
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from xling.core import Teacher
 from xling.train.cache import (
-    CacheError,
     CachedDataset,
+    CacheError,
     LatentCache,
     TextEmbeddingCache,
     module_fingerprint,
@@ -44,7 +44,9 @@ def test_latent_cache_hit_miss_invalidation_and_corruption(tmp_path: Path, sd1: 
     folder = tmp_path / "cache"
     built = LatentCache.load_or_build(folder, corpus, sd1, batch_size=2, shard_size=2)
     assert built.status == "built: no cache yet" and len(built) == 5
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == [f"latents-0000{i}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        f"latents-0000{i}.safetensors" for i in range(3)
+    ]
     expected = sd1.encode_images(corpus[3]["image"][None], sample=False)[0]
     assert built[3].shape == (4, 16, 16)
     torch.testing.assert_close(built[3], expected)
@@ -94,7 +96,9 @@ def test_text_cache_hit_extend_invalidation_corruption_and_dataset(tmp_path: Pat
     captions = corpus.captions("en")  # 3 unique of 5
     cache = TextEmbeddingCache.load_or_build(folder, captions, sd1, batch_size=2)
     assert cache.status == "built: no cache yet" and len(cache) == 3 and not cache.has_pooled
-    torch.testing.assert_close(cache["a shape number 1"]["prompt_embeds"], sd1.encode(["a shape number 1"]).prompt_embeds[0])
+    torch.testing.assert_close(
+        cache["a shape number 1"]["prompt_embeds"], sd1.encode(["a shape number 1"]).prompt_embeds[0]
+    )
     second = TextEmbeddingCache.load_or_build(folder, captions, sd1)
     assert second.hit, second.status
 
@@ -132,12 +136,16 @@ def test_text_cache_hit_extend_invalidation_corruption_and_dataset(tmp_path: Pat
 
 def test_text_cache_pooled_for_sdxl(tmp_path: Path, tiny_sdxl_path: Path) -> None:
     teacher = Teacher.from_pretrained(tiny_sdxl_path)
-    cache = TextEmbeddingCache.load_or_build(tmp_path / "xl", ["a cat", "a dog"], teacher, dtype=torch.float16)
+    cache = TextEmbeddingCache.load_or_build(
+        tmp_path / "xl", ["a cat", "a dog"], teacher, dtype=torch.float16
+    )
     assert cache.has_pooled
     out = cache.lookup(["a dog", "a cat"])
     assert out["prompt_embeds"].dtype == torch.float16 and out["pooled_prompt_embeds"].shape == (2, 32)
     reference = teacher.encode(["a dog"])
-    torch.testing.assert_close(out["pooled_prompt_embeds"][0].float(), reference.pooled_prompt_embeds[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        out["pooled_prompt_embeds"][0].float(), reference.pooled_prompt_embeds[0], atol=2e-3, rtol=2e-3
+    )
 
 
 def test_fingerprints_follow_weights_and_tokenizer(sd1: Teacher) -> None:

@@ -88,7 +88,9 @@ def test_jsonl_rows_images_and_report(tmp_path: Path, image_dir: Path) -> None:
 
 
 def test_fail_policy_names_file_line_and_problem(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl", [json.dumps({"en": "a", "zh": "甲"}), json.dumps({"en": "b", "zh": ""})])
+    path = _jsonl(
+        tmp_path / "d.jsonl", [json.dumps({"en": "a", "zh": "甲"}), json.dumps({"en": "b", "zh": ""})]
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:2: empty caption: column 'zh' is empty") as info:
         load_corpus(path, on_bad_row="fail")
     assert info.value.bad_row.line == 2
@@ -113,7 +115,8 @@ def test_csv_tsv_parquet_columns_and_culture_flag(tmp_path: Path) -> None:
         handle.write("only,two\n")  # line 8: wrong field count
     tsv_path = tmp_path / "d.tsv"
     tsv_path.write_text(
-        "english\tchinese\tculture\n" + "\n".join("\t".join(r.values()) for r in rows) + "\n", encoding="utf-8"
+        "english\tchinese\tculture\n" + "\n".join("\t".join(r.values()) for r in rows) + "\n",
+        encoding="utf-8",
     )
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -128,7 +131,9 @@ def test_csv_tsv_parquet_columns_and_culture_flag(tmp_path: Path) -> None:
         bad = {reason: [r.line for r in rows_] for reason, rows_ in corpus.report.examples.items()}
         assert bad["empty caption"] == [4] if path != parquet_path else [3]
         assert bad["malformed row"][0] == (5 if path != parquet_path else 4)
-    csv_corpus = load_corpus(csv_path, columns={"en": "english", "target": "chinese", "image": None, "culture_only": "culture"})
+    csv_corpus = load_corpus(
+        csv_path, columns={"en": "english", "target": "chinese", "image": None, "culture_only": "culture"}
+    )
     assert csv_corpus[2]["en"] == "multi\nline en"
     assert [r.line for r in csv_corpus.report.examples["malformed row"]] == [5, 8]
     with pytest.raises(ValueError, match="unknown column keys"):
@@ -161,11 +166,13 @@ def test_parquet_image_bytes_and_with_images_required(tmp_path: Path) -> None:
 
 
 def test_image_transform_resize_crop_and_validation() -> None:
-    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3))  # [32, 64, 3], varies along x
+    ramp = np.tile(
+        np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3)
+    )  # [32, 64, 3], varies along x
     image = Image.fromarray(ramp)
     centre, geometry = ImageTransform(16)(image)
     assert centre.shape == (3, 16, 16) and geometry == {"original_size": (32, 64), "crop_top_left": (0, 8)}
-    assert -1.0 <= centre.min() and centre.max() <= 1.0
+    assert centre.min() >= -1.0 and centre.max() <= 1.0
     crops = {ImageTransform(16, crop="random", seed=0).crop_box(32, 16, index)[1] for index in range(20)}
     assert len(crops) > 3 and all(0 <= left <= 16 for left in crops)
     with pytest.raises(ValueError, match="resolution"):
@@ -244,7 +251,14 @@ def _png_bytes(color: tuple[int, int, int]) -> bytes:
 
 def test_expand_braces() -> None:
     assert expand_braces("s-{000000..000002}.tar") == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
-    assert expand_braces("{a,b}-{8..10}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "b-8.tar", "b-9.tar", "b-10.tar"]
+    assert expand_braces("{a,b}-{8..10}.tar") == [
+        "a-8.tar",
+        "a-9.tar",
+        "a-10.tar",
+        "b-8.tar",
+        "b-9.tar",
+        "b-10.tar",
+    ]
     assert expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(ValueError, match="empty brace range"):
         expand_braces("s-{3..1}.tar")
@@ -269,7 +283,7 @@ def test_tar_shards_stream_bad_samples_and_workers(tmp_path: Path) -> None:
     )
     _tar(
         tmp_path / "shard-000001.tar",
-        [("0005.en.txt", b"x"), ("0005.zh.txt", "  ".encode()), ("0005.png", red)]
+        [("0005.en.txt", b"x"), ("0005.zh.txt", b"  "), ("0005.png", red)]
         + [(f"{i:04d}.en.txt", b"e") for i in range(6, 9)]
         + [(f"{i:04d}.zh.txt", "中".encode()) for i in range(6, 9)],  # members not adjacent: keys repeat
         truncate=None,
@@ -322,5 +336,8 @@ def test_report_merge_and_bad_row_str() -> None:
     one.merge(two)
     assert one.total == 4 and len(one.examples["empty caption"]) == 2
     assert one.summary() == "skipped 4 rows: 4 empty caption (a.jsonl:1, :2, ...)"
-    assert str(BadRow("a.jsonl", 3, "empty caption", "column 'zh' is empty")) == "a.jsonl:3: empty caption: column 'zh' is empty"
+    assert (
+        str(BadRow("a.jsonl", 3, "empty caption", "column 'zh' is empty"))
+        == "a.jsonl:3: empty caption: column 'zh' is empty"
+    )
     assert BadRowReport().summary() == "skipped 0 rows"

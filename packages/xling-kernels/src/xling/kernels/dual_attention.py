@@ -43,7 +43,7 @@ SPLIT_ROWS = 128
 
 
 @triton.jit
-def _load_rows(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, D):
+def _load_rows(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, D: tl.constexpr):
     # [R, BLOCK_D] tile of a strided [n_rows, D] matrix; padded rows and features read as 0.
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
     return tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
@@ -66,7 +66,7 @@ def _attend(
     stride_vd,
     stride_mm,
     M,
-    D,
+    D: tl.constexpr,
     qk_scale,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -124,7 +124,7 @@ def _recompute_out(
     stride_vd,
     stride_mm,
     M,
-    D,
+    D: tl.constexpr,
     qk_scale,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -165,7 +165,7 @@ def _dq_loop(
     stride_vd,
     stride_mm,
     M,
-    D,
+    D: tl.constexpr,
     qk_scale,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -234,7 +234,7 @@ def _dual_attention_fwd_kernel(
     N,
     M1,
     M2,
-    D,
+    D: tl.constexpr,
     qk_scale,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -331,7 +331,7 @@ def _dual_attention_bwd_dq_kernel(
     H,
     N,
     M2,
-    D,
+    D: tl.constexpr,
     qk_scale,
     sm_scale,
     HAS_MASK: tl.constexpr,
@@ -420,7 +420,7 @@ def _dual_attention_bwd_dkdv_kernel(
     H,
     N,
     M2,
-    D,
+    D: tl.constexpr,
     rows_per_split,
     qk_scale,
     sm_scale,
@@ -488,7 +488,7 @@ def _dual_attention_bwd_dkdv_kernel(
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) tried by the forward autotuner, by head width: few on purpose,
 # each is compiled and timed once per shape. Chosen from ptxas reports for sm_90: none of them spills.
-_NARROW = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]  # BLOCK_D <= 128
+_NARROW = [(64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)]  # BLOCK_D <= 128
 _WIDE = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)]  # BLOCK_D = 256 (d = 160)
 _FORWARD_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=st)
@@ -508,7 +508,7 @@ def _prune_by_width(
 
 #: Integer arguments (sizes and strides). The generic build does not specialise on them (== 1, % 16), so the
 #: many small shapes of the tests and of small layers share a handful of compiled kernels.
-_SIZE_ARGS = frozenset({"B", "H", "N", "M1", "M2", "D", "rows_per_split", "partials_per_bh"})
+_SIZE_ARGS = frozenset({"B", "H", "N", "M1", "M2", "rows_per_split", "partials_per_bh"})
 
 
 class KernelPair(NamedTuple):

@@ -108,7 +108,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--doc", type=Path, default=Path("docs/toyworld.md"), metavar="FILE", help="'-': no doc"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: a shared CPU oversubscribes with more)",
+    )
     parser.set_defaults(func=_run)
 
 

@@ -252,7 +252,9 @@ class TarShardCorpus(IterableDataset[dict[str, Any]]):
                 except StopIteration:
                     if truncated:
                         # tarfile stops quietly at a cut header; the last sample may be missing members.
-                        where = BadRow(shard, None, MALFORMED_ROW, f"truncated tar shard: {truncated}", member="*")
+                        where = BadRow(
+                            shard, None, MALFORMED_ROW, f"truncated tar shard: {truncated}", member="*"
+                        )
                         handle_bad_row(where, self.on_bad_row, report)
                     break
                 except (tarfile.TarError, OSError, EOFError) as error:

@@ -19,18 +19,18 @@ logger = logging.getLogger(__name__)
 def resolve_teacher(name: str) -> str:
     """``"toy"`` -> the committed toy teacher directory; anything else is a path or Hub id."""
     if name == TOY:
-        from xling.train import toyworld
+        from xling.train.toyworld.teacher import teacher_path
 
-        return str(toyworld.teacher_path())
+        return str(teacher_path())
     return name
 
 
 def resolve_student(name: str) -> str:
     """``"toy"`` -> the committed pretrained toy student; anything else is a path or Hub id."""
     if name == TOY:
-        from xling.train import toyworld
+        from xling.train.toyworld.student import student_path
 
-        return str(toyworld.student_path(pretrained=True))
+        return str(student_path(pretrained=True))
     return name
 
 

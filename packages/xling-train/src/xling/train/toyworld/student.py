@@ -79,7 +79,7 @@ class ToyStudentConfig:
     intermediate_size: int = 256
     max_length: int = 64
     seed: int = 0
-    mlm_steps: int = 1500
+    mlm_steps: int = 400
     mlm_batch_size: int = 64
     mlm_lr: float = 1e-3
     mlm_probability: float = 0.15
