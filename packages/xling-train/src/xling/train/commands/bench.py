@@ -453,8 +453,16 @@ def run_bench(
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.set, args.recipes)
         recipe_steps = {}
