@@ -75,6 +75,7 @@ class EvalConfig:
     )
     num_inference_steps: int = _f(20, "Sampler steps for the report images.")
     guidance_scale: float = _f(3.0, "Classifier-free guidance scale for the report images.")
+    max_scenes: int | None = _f(None, "Toy world: evaluate a fixed subset of this many scenes (None: all).")
 
 
 @dataclass

@@ -247,7 +247,7 @@ def write_plot(outcomes: Sequence[RecipeBench], teacher_all: float | None, path:
         ax.axhline(90 * teacher_all, color="grey", linestyle=":", linewidth=1, label="90% of teacher")
     ax.set_xlabel("training updates")
     ax.set_ylabel("zh accuracy, all attributes (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)  # room for the teacher line at 100%
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Toy world: Chinese-prompt accuracy per recipe")

@@ -109,5 +109,6 @@ def _report(cfg: RecipeConfig, result: RunResult) -> dict[str, Path]:
             seeds=list(cfg.eval.seeds),
             num_inference_steps=cfg.eval.num_inference_steps,
             guidance_scale=cfg.eval.guidance_scale,
+            max_scenes=cfg.eval.max_scenes,
         )
     )
