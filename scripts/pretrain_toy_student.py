@@ -5,7 +5,7 @@ with masked-language modelling on the world's Chinese captions of the training s
 reproducible from ``--seed``::
 
     uv run python scripts/pretrain_toy_student.py            # writes into toyworld/assets/
-    uv run python scripts/pretrain_toy_student.py --out /tmp/students --mlm-steps 200
+    uv run python scripts/pretrain_toy_student.py --out runs/students --mlm-steps 200
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train the toy world's tiny English teacher and save it as a ``StableDiffusionPipeline`` directory.
 
-    uv run python scripts/train_toy_teacher.py --out /tmp/teacher --steps 300          # CPU smoke run
+    uv run python scripts/train_toy_teacher.py --out runs/teacher --steps 300          # CPU smoke run
     python scripts/train_toy_teacher.py --out $OUT/teacher --time-budget-s 420 --device cuda
 
 The UNet diffuses 32x32 pixels (the VAE is an exact identity, see ``toyworld.teacher``) with v-prediction on

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -110,6 +111,12 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("func", "recipe", "recipe_name", "command", "config")
     }
+    import torch
+
+    if _toy_on_cpu(overrides) and "OMP_NUM_THREADS" not in os.environ:
+        # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
+        # second thread made the default run several times slower (docs/toyworld.md).
+        torch.set_num_threads(1)
     try:
         result = run_recipe(args.recipe, args.config, overrides=overrides)
     except NonFiniteTrainingError as err:
@@ -126,3 +133,10 @@ def _run(args: argparse.Namespace) -> int:
     for name, path in sorted(result.files.items()):
         print(f"{name}: {path}")
     return 0
+
+
+def _toy_on_cpu(overrides: dict[str, Any]) -> bool:
+    """Whether this run trains on the toy world without a GPU."""
+    import torch
+
+    return overrides.get("teacher", "toy") == "toy" and not torch.cuda.is_available()
