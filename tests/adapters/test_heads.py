@@ -159,3 +159,22 @@ def test_bad_inputs_name_argument_and_shapes():
         config_from_dict({"head_type": "transformer"})
     with pytest.raises(TypeError, match="MixerTranslatorConfig"):
         MixerTranslator(LinearHeadConfig())
+
+
+def test_mixer_output_is_not_normalised_over_tokens():
+    # A text encoder's 77 output tokens are far from zero-mean / unit-variance per channel (a constant start
+    # token, near-identical padding); a translator must be able to produce them. A token-axis LayerNorm at
+    # the output made a fixed random target unreachable (MSE stayed near its variance).
+    torch.manual_seed(0)
+    head = MixerTranslator(
+        MixerTranslatorConfig(student_width=8, teacher_width=6, source_length=10, target_length=12, depth=1)
+    )
+    target = torch.randn(12, 6) * torch.linspace(0.1, 2.0, 6) + torch.randn(6)  # [T, D], per-channel offsets
+    x = torch.randn(4, 10, 8)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = torch.nn.functional.mse_loss(head(x).prompt_embeds, target.expand(4, -1, -1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01 * target.var().item(), loss.item()

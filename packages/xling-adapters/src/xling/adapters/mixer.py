@@ -1,10 +1,10 @@
 """GlueNet's translator (Qin et al., "GlueGen", ICCV 2023, arXiv:2303.10056), the MTN recipe's head.
 
 An MLP-mixer: each block mixes across features (channel MLP) and across the sequence (token MLP), both
-residual; every MLP is ``Linear -> LayerNorm -> GELU -> Linear -> LayerNorm -> GELU -> Linear -> LayerNorm``
-with hidden size ``mult`` times its input, as in GlueNet. The encoder is ``depth`` blocks at the student's
+residual; every MLP is pre-norm, ``LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear``, with hidden size
+``mult`` times its input (GlueNet's three-layer MLPs, normalised on the way in as in MLP-Mixer). The encoder is ``depth`` blocks at the student's
 ``(S, d)`` followed by a transition block to the teacher's ``(T, D)``; the decoder mirrors it back for the
-reconstruction loss. Mapping ``(77, 1024) -> (77, 768)`` with depth 5 the encoder has 50,190,274
+reconstruction loss. Mapping ``(77, 1024) -> (77, 768)`` with depth 5 the encoder has 50,137,938
 parameters (GlueNet: ~50M).
 
 The token MLPs are built for a fixed source length ``S``: shorter inputs are zero-padded to ``S`` and
@@ -21,18 +21,21 @@ from xling.adapters.head import AdapterHead, HeadOutput, check_hidden
 
 
 class MixerMLP(nn.Sequential):
-    """``[..., n_in] -> [..., n_out]``: three Linear layers, each followed by LayerNorm, GELU between."""
+    """``[..., n_in] -> [..., n_out]``: LayerNorm, then three Linear layers with GELU between.
+
+    The output is left unnormalised on purpose: the transition's token MLP is the translator's last layer,
+    and a LayerNorm there would force every output channel to zero mean and unit variance across the 77
+    positions, which text-encoder embeddings (a constant start token, near-identical padding) do not have.
+    """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, eps: float = 1e-5) -> None:
         super().__init__(
+            nn.LayerNorm(n_in, eps=eps),
             nn.Linear(n_in, n_hidden),
-            nn.LayerNorm(n_hidden, eps=eps),
             nn.GELU(),
             nn.Linear(n_hidden, n_hidden),
-            nn.LayerNorm(n_hidden, eps=eps),
             nn.GELU(),
             nn.Linear(n_hidden, n_out),
-            nn.LayerNorm(n_out, eps=eps),
         )
 
 

@@ -117,7 +117,15 @@ class RecipeConfig:
 
 
 @dataclass
-class IAPConfig(RecipeConfig):
+class TimestepRange:
+    """Training-timestep range of the recipes that noise images (IAP, PEA, denoise)."""
+
+    timestep_min: int = _f(0, "Smallest training timestep sampled.")
+    timestep_max: int | None = _f(None, "Largest training timestep sampled (None: the scheduler's last).")
+
+
+@dataclass
+class IAPConfig(TimestepRange, RecipeConfig):
     """IAP, "images as pivots": the student encoder + a linear head learn to reproduce, in every cross-attention
     layer, the teacher's output for the same image query (Li et al., 2024; lr 5e-5)."""
 
@@ -125,12 +133,10 @@ class IAPConfig(RecipeConfig):
     output_dir: str = _f("runs/iap", "Run directory.")
     lr: float = _f(5e-5, "Peak learning rate (IAP paper: 5e-5).")
     train_encoder: bool = _f(True, "Fine-tune the whole student encoder (IAP); false trains the head only.")
-    timestep_min: int = _f(0, "Smallest training timestep sampled.")
-    timestep_max: int | None = _f(None, "Largest training timestep sampled (None: the scheduler's last).")
 
 
 @dataclass
-class PEAConfig(RecipeConfig):
+class PEAConfig(TimestepRange, RecipeConfig):
     """PEA-Diffusion: frozen student + MLP adapter, UNet feature KD + output KD (Ma et al., 2023; lr 1e-5,
     feature weight 0.1)."""
 
@@ -188,7 +194,7 @@ class DistillConfig(RecipeConfig):
 
 
 @dataclass
-class DenoiseConfig(RecipeConfig):
+class DenoiseConfig(TimestepRange, RecipeConfig):
     """The plain denoising loss on a chosen trainable part: the student (Taiyi / "original loss" baseline),
     the cross-attention K/V (AltDiffusion stage 2) or the whole UNet."""
 

@@ -78,7 +78,12 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), metavar="RECIPE")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer updates per recipe (default 200)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer updates for every recipe (default: each recipe's toy budget, as `xling train` runs it)",
+    )
     parser.add_argument(
         "--recipe-steps",
         nargs="*",
@@ -325,7 +330,7 @@ def update_doc(doc: Path, section: str) -> Path:
 def run_bench(
     recipes: Sequence[str] = DEFAULT_RECIPES,
     *,
-    steps: int = 200,
+    steps: int | None = None,
     recipe_steps: Mapping[str, int] | None = None,
     eval_every: int = 50,
     seeds: Sequence[int] = (0,),
@@ -343,7 +348,8 @@ def run_bench(
 
     Args:
         recipes: Recipe names.
-        steps: Updates per recipe.
+        steps: Updates for every recipe (``None``: each recipe's toy-section ``max_steps``, the budget of a
+            plain ``xling train <recipe>``).
         recipe_steps: Per-recipe updates over ``steps``.
         eval_every: Evaluate every N updates (0: only at the end).
         seeds: Sampling seeds of every evaluation.
@@ -381,17 +387,18 @@ def run_bench(
     reference = None
     with tempfile.TemporaryDirectory(prefix="xling-bench-") as tmp:
         for recipe in recipes:
+            budget = (recipe_steps or {}).get(recipe, steps)
             cfg_overrides = {
                 "student": student_dir,
                 "seed": seed,
-                "max_steps": int((recipe_steps or {}).get(recipe, steps)),
+                **({"max_steps": int(budget)} if budget is not None else {}),
                 "output_dir": str(output_dir / recipe),
                 "eval.enabled": False,
                 "checkpoint_every": 0,
                 "log_with": "none",
                 **dict((overrides or {}).get(recipe, {})),
             }
-            print(f"xling bench: {recipe} ({cfg_overrides['max_steps']} updates)", flush=True)
+            print(f"xling bench: {recipe} ({budget or 'default'} updates)", flush=True)
             try:
                 outcome, final = bench_recipe(
                     recipe,
