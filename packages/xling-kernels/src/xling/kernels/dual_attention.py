@@ -49,14 +49,17 @@ def _load_rows(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, D: tl.constexpr)
     return tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
 
 
-# The loops below inline their loads instead of calling jit helpers: the CPU interpreter re-patches
+# The loop below inlines its loads instead of calling jit helpers: the CPU interpreter re-patches
 # triton.language on every nested call, which dominated the test time. PRECISION is "ieee" for fp32 inputs
 # (tensor cores would otherwise round them to tf32) and "tf32" (a no-op for fp16/bf16) otherwise.
 
 
 @triton.jit
-def _attend(
+def _key_loop(
     q,
+    lse,
+    do,
+    delta,
     K,
     V,
     MASK,
@@ -68,13 +71,19 @@ def _attend(
     M,
     D: tl.constexpr,
     qk_scale,
+    MODE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Online softmax of one branch (base 2); returns the unnormalised acc [BLOCK_N, BLOCK_D], row max m, row sum l.
+    # One query tile q [BLOCK_N, BLOCK_D] against all keys of one branch, BLOCK_M keys at a time (base 2).
+    # Returns (acc, m, l), acc fp32 [BLOCK_N, BLOCK_D] and per-row m, l [BLOCK_N], by MODE:
+    #   "softmax": online softmax; acc = unnormalised P V, m = row max, l = row sum (lse, do, delta unused)
+    #   "out":     acc = P V with P = exp2(S - lse) from the saved LSE (do, delta unused)
+    #   "dq":      acc = dS K with dS = P * (dO V^T - Delta): dQ before the softmax scale
+    # MODE is a compile-time constant, so each caller compiles only its own branch.
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -89,15 +98,24 @@ def _attend(
         if HAS_MASK:
             valid = valid & (tl.load(MASK + offs_m * stride_mm, mask=offs_m < M, other=0) != 0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BN, BM]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no valid key so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        if MODE == "softmax":
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no valid key so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        else:
+            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)  # [BN, BM]
+            if MODE == "out":
+                acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            else:
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BN, BM]
+                ds = p * (dp - delta[:, None])
+                acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return acc, m_i, l_i
 
 
@@ -109,88 +127,6 @@ def _normalise(acc, m_i, l_i):
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     return o, lse
-
-
-@triton.jit
-def _recompute_out(
-    q,
-    lse,
-    K,
-    V,
-    MASK,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    stride_mm,
-    M,
-    D: tl.constexpr,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # o = P V with P = exp2(S - lse) from the saved LSE, fp32 [BLOCK_N, BLOCK_D].
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D
-    o = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        valid = offs_m < M
-        kv_mask = valid[:, None] & d_ok
-        k = tl.load(K + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + offs_m * stride_mm, mask=offs_m < M, other=0) != 0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        o += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return o
-
-
-@triton.jit
-def _dq_loop(
-    q,
-    do,
-    delta,
-    lse,
-    K,
-    V,
-    MASK,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    stride_mm,
-    M,
-    D: tl.constexpr,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Unscaled dQ = dS K for one query tile, fp32 [BLOCK_N, BLOCK_D]; the caller multiplies by the softmax scale.
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D
-    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        valid = offs_m < M
-        kv_mask = valid[:, None] & d_ok
-        k = tl.load(K + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + offs_m * stride_mm, mask=offs_m < M, other=0) != 0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)  # [BN, BM]
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BN, BM]
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,8 +190,11 @@ def _dual_attention_fwd_kernel(
     out_offs = pid_bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :]
     out_mask = row_ok[:, None] & (offs_d[None, :] < D)
 
-    acc1, m1, l1 = _attend(
+    acc1, m1, l1 = _key_loop(
         q,
+        None,
+        None,
+        None,
         K1 + b * stride_k1b + h * stride_k1h,
         V1 + b * stride_v1b + h * stride_v1h,
         MASK2,
@@ -267,6 +206,7 @@ def _dual_attention_fwd_kernel(
         M1,
         D,
         qk_scale,
+        "softmax",
         False,
         PRECISION,
         BLOCK_N,
@@ -276,8 +216,11 @@ def _dual_attention_fwd_kernel(
     o1, _ = _normalise(acc1, m1, l1)
     tl.store(O1 + out_offs, o1.to(O1.dtype.element_ty), mask=out_mask)
 
-    acc2, m2, l2 = _attend(
+    acc2, m2, l2 = _key_loop(
         q,
+        None,
+        None,
+        None,
         K2 + b * stride_k2b + h * stride_k2h,
         V2 + b * stride_v2b + h * stride_v2h,
         MASK2 + b * stride_mb,
@@ -289,6 +232,7 @@ def _dual_attention_fwd_kernel(
         M2,
         D,
         qk_scale,
+        "softmax",
         HAS_MASK,
         PRECISION,
         BLOCK_N,
@@ -358,11 +302,11 @@ def _dual_attention_bwd_dq_kernel(
     if COMPUTE_DQ:
         q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)
         lse = tl.load(LSE2 + row_base + offs_n, mask=row_ok, other=float("inf"))
-        dq = _dq_loop(
+        dq, _, _ = _key_loop(
             q,
+            lse,
             do,
             delta,
-            lse,
             K2 + b * stride_kb + h * stride_kh,
             V2 + b * stride_vb + h * stride_vh,
             MASK2 + b * stride_mb,
@@ -374,6 +318,7 @@ def _dual_attention_bwd_dq_kernel(
             M2,
             D,
             qk_scale,
+            "dq",
             HAS_MASK,
             PRECISION,
             BLOCK_N,
@@ -604,8 +549,9 @@ def launch(
         grid: Grid as a function of the meta-parameters.
         ref: The query tensor `[B, H, N, d]`; its size, dtype and device pick the build.
         *args: Kernel arguments.
-        **constexprs: Compile-time arguments other than the tile sizes.
+        **constexprs: Compile-time arguments other than the tiles and `PRECISION` (all follow from `ref`).
     """
+    constexprs.update(PRECISION=precision(ref.dtype), BLOCK_D=block_d(ref.shape[-1]))
     large = ref.is_cuda and not interpreting() and ref.numel() >= AUTOTUNE_MIN_NUMEL
     device = torch.cuda.device(ref.device) if ref.is_cuda else contextlib.nullcontext()
     with device:
@@ -641,23 +587,29 @@ def _num_splits(n: int, key_tiles: int, bh: int, device: torch.device) -> tuple[
     return triton.cdiv(n, rows), rows
 
 
-def forward(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    v1: torch.Tensor,
-    k2: torch.Tensor,
-    v2: torch.Tensor,
-    mask2: torch.Tensor | None,
+def launch_forward(
+    kernels: KernelPair,
+    inputs: tuple[torch.Tensor | None, ...],
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the forward kernel. Returns `o1`, `o2` `[B, H, N, d]` (contiguous, input dtype) and `lse2` `[B, H, N]`."""
+    outputs: tuple[torch.Tensor, ...],
+    *extra: int,
+    **constexprs: Any,
+) -> None:
+    """Launch a forward kernel, dual attention or the fused MSE: one argument layout, their own outputs.
+
+    Args:
+        kernels: `_FWD` or the fused `_MSE_FWD`.
+        inputs: `(q, k1, v1, k2, v2, mask2)`, q `[B, H, N, d]`.
+        scale: Softmax scale.
+        outputs: The kernel's output tensors, in its argument order.
+        *extra: Integer arguments after `qk_scale`.
+        **constexprs: Compile-time arguments other than `HAS_MASK` and those :func:`launch` adds.
+    """
+    q, k1, v1, k2, v2, mask2 = inputs
     b, h, n, d = q.shape
-    o1 = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    o2 = torch.empty_like(o1)
-    lse2 = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     mask, smb, smm = _mask_args(mask2, q)
     launch(
-        _FWD,
+        kernels,
         "forward",
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h),
         q,
@@ -667,9 +619,7 @@ def forward(
         k2,
         v2,
         mask,
-        o1,
-        o2,
-        lse2,
+        *outputs,
         *q.stride(),
         *k1.stride(),
         *v1.stride(),
@@ -683,11 +633,58 @@ def forward(
         k2.shape[2],
         d,
         scale * LOG2E,
+        *extra,
         HAS_MASK=mask2 is not None,
-        PRECISION=precision(q.dtype),
-        BLOCK_D=block_d(d),
+        **constexprs,
     )
-    return o1, o2, lse2
+
+
+def launch_dq(
+    kernels: KernelPair,
+    inputs: tuple[torch.Tensor | None, ...],
+    scale: float,
+    pointers: tuple[torch.Tensor, ...],
+    *strides: int,
+    compute_dq: bool,
+) -> None:
+    """Launch a query-tiled backward kernel (Delta, maybe dQ): dual attention's or the fused MSE's.
+
+    Args:
+        kernels: `_DQ` or the fused `_MSE_DQ`.
+        inputs: `(q, k2, v2, mask2)`, q `[B, H, N, d]`.
+        scale: Softmax scale.
+        pointers: The kernel's other tensor arguments, in its order.
+        *strides: Strides after the mask's (dual attention: those of dO).
+        compute_dq: Whether q needs a gradient.
+    """
+    q, k2, v2, mask2 = inputs
+    b, h, n, d = q.shape
+    mask, smb, smm = _mask_args(mask2, q)
+    launch(
+        kernels,
+        "dq",
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h),
+        q,
+        q,
+        k2,
+        v2,
+        mask,
+        *pointers,
+        *q.stride(),
+        *k2.stride(),
+        *v2.stride(),
+        smb,
+        smm,
+        *strides,
+        h,
+        n,
+        k2.shape[2],
+        d,
+        scale * LOG2E,
+        scale,
+        HAS_MASK=mask2 is not None,
+        COMPUTE_DQ=compute_dq,
+    )
 
 
 def key_value_grads(
@@ -737,8 +734,6 @@ def key_value_grads(
         scale * LOG2E,
         scale,
         HAS_MASK=mask2 is not None,
-        PRECISION=precision(q.dtype),
-        BLOCK_D=block_d(d),
     )
     # A fixed-order sum over the splits: deterministic, unlike atomics.
     return dk_part.sum(0), dv_part.sum(0)
@@ -758,7 +753,11 @@ class DualAttentionFunction(torch.autograd.Function):
         mask2: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o1, o2, lse2 = forward(q, k1, v1, k2, v2, mask2, scale)
+        b, h, n, d = q.shape
+        o1 = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+        o2 = torch.empty_like(o1)
+        lse2 = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+        launch_forward(_FWD, (q, k1, v1, k2, v2, mask2), scale, (o1, o2, lse2))
         ctx.mark_non_differentiable(o1)
         ctx.save_for_backward(q, k2, v2, o2, lse2, mask2)
         ctx.scale = scale
@@ -774,37 +773,13 @@ class DualAttentionFunction(torch.autograd.Function):
         need_dq = ctx.needs_input_grad[0]
         delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
         dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device) if need_dq else delta
-        mask, smb, smm = _mask_args(mask2, q)
-        launch(
+        launch_dq(
             _DQ,
-            "dq",
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h),
-            q,
-            q,
-            k2,
-            v2,
-            mask,
-            o2,
-            grad_o2,
-            lse2,
-            delta,
-            dq,
-            *q.stride(),
-            *k2.stride(),
-            *v2.stride(),
-            smb,
-            smm,
-            *grad_o2.stride(),
-            h,
-            n,
-            k2.shape[2],
-            d,
-            scale * LOG2E,
+            (q, k2, v2, mask2),
             scale,
-            HAS_MASK=mask2 is not None,
-            COMPUTE_DQ=need_dq,
-            PRECISION=precision(q.dtype),
-            BLOCK_D=block_d(d),
+            (o2, grad_o2, lse2, delta, dq),
+            *grad_o2.stride(),
+            compute_dq=need_dq,
         )
         dk2 = dv2 = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
@@ -813,30 +788,19 @@ class DualAttentionFunction(torch.autograd.Function):
         return (dq if need_dq else None), None, None, dk2, dv2, None, None
 
 
-def triton_dual_attention(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    v1: torch.Tensor,
-    k2: torch.Tensor,
-    v2: torch.Tensor,
-    *,
-    mask2: torch.Tensor | None = None,
-    scale: float | None = None,
+def apply_checked(
+    function: type[torch.autograd.Function], *inputs: torch.Tensor | None, scale: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton dual attention (see :func:`xling.kernels.dual_attention` for the contract).
+    """Validate the inputs as the reference does, then run a Triton autograd Function on them.
 
     Args:
-        q: Queries `[B, H, N, d]`, any strides.
-        k1: Keys of branch 1 `[B, H, M1, d]`.
-        v1: Values of branch 1 `[B, H, M1, d]`.
-        k2: Keys of branch 2 `[B, H, M2, d]`.
-        v2: Values of branch 2 `[B, H, M2, d]`.
-        mask2: Optional key-padding mask `[B, M2]`, bool, True = attend.
-        scale: Softmax scale, default `1 / sqrt(d)`.
+        function: :class:`DualAttentionFunction` or `DualAttentionMSEFunction`.
+        *inputs: `q, k1, v1, k2, v2, mask2` (see :func:`xling.kernels.dual_attention`).
+        scale: Softmax scale, or None for `1 / sqrt(d)`.
 
     Returns:
-        `(o1, o2)`, each `[B, H, N, d]` contiguous in the input dtype; `o1` has no grad.
+        What `function` returns: `(o1, o2)` or `(o1, loss)`.
     """
-    softmax_scale = check_inputs(q, k1, v1, k2, v2, mask2, scale)
-    block_d(q.shape[-1])
-    return DualAttentionFunction.apply(q, k1, v1, k2, v2, mask2, softmax_scale)
+    softmax_scale = check_inputs(*inputs, scale)
+    block_d(inputs[0].shape[-1])  # the Triton-only limit, d <= 256: fail before anything runs
+    return function.apply(*inputs, softmax_scale)

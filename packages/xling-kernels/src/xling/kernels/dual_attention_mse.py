@@ -22,20 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from xling.kernels._validation import check_inputs
 from xling.kernels.dual_attention import (
-    LOG2E,
-    _attend,
-    _dq_loop,
+    _key_loop,
     _load_rows,
-    _mask_args,
     _normalise,
-    _recompute_out,
-    block_d,
     kernel_pair,
     key_value_grads,
-    launch,
-    precision,
+    launch_dq,
+    launch_forward,
 )
 
 #: Query rows per loss partial; every BLOCK_N is a multiple of it, so the partial layout is config-independent.
@@ -99,8 +93,11 @@ def _dual_attention_mse_fwd_kernel(
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)  # [BN, BD]
 
-    acc1, m1, l1 = _attend(
+    acc1, m1, l1 = _key_loop(
         q,
+        None,
+        None,
+        None,
         K1 + b * stride_k1b + h * stride_k1h,
         V1 + b * stride_v1b + h * stride_v1h,
         MASK2,
@@ -112,6 +109,7 @@ def _dual_attention_mse_fwd_kernel(
         M1,
         D,
         qk_scale,
+        "softmax",
         False,
         PRECISION,
         BLOCK_N,
@@ -122,8 +120,11 @@ def _dual_attention_mse_fwd_kernel(
     o1 = o1.to(O1.dtype.element_ty)
     tl.store(O1 + pid_bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :], o1, mask=valid)
 
-    acc2, m2, l2 = _attend(
+    acc2, m2, l2 = _key_loop(
         q,
+        None,
+        None,
+        None,
         K2 + b * stride_k2b + h * stride_k2h,
         V2 + b * stride_v2b + h * stride_v2h,
         MASK2 + b * stride_mb,
@@ -135,6 +136,7 @@ def _dual_attention_mse_fwd_kernel(
         M2,
         D,
         qk_scale,
+        "softmax",
         HAS_MASK,
         PRECISION,
         BLOCK_N,
@@ -210,9 +212,11 @@ def _dual_attention_mse_bwd_dq_kernel(
     k_ptr = K2 + b * stride_kb + h * stride_kh
     v_ptr = V2 + b * stride_vb + h * stride_vh
     m_ptr = MASK2 + b * stride_mb
-    o2 = _recompute_out(
+    o2, _, _ = _key_loop(
         q,
         lse,
+        None,
+        None,
         k_ptr,
         v_ptr,
         m_ptr,
@@ -224,6 +228,7 @@ def _dual_attention_mse_bwd_dq_kernel(
         M2,
         D,
         qk_scale,
+        "out",
         HAS_MASK,
         PRECISION,
         BLOCK_N,
@@ -237,11 +242,11 @@ def _dual_attention_mse_bwd_dq_kernel(
     tl.store(DO + out_offs, do, mask=out_mask)
     tl.store(DELTA + row_base + offs_n, delta, mask=row_ok)
     if COMPUTE_DQ:
-        dq = _dq_loop(
+        dq, _, _ = _key_loop(
             q,
+            lse,
             do,
             delta,
-            lse,
             k_ptr,
             v_ptr,
             m_ptr,
@@ -253,6 +258,7 @@ def _dual_attention_mse_bwd_dq_kernel(
             M2,
             D,
             qk_scale,
+            "dq",
             HAS_MASK,
             PRECISION,
             BLOCK_N,
@@ -265,60 +271,6 @@ def _dual_attention_mse_bwd_dq_kernel(
 
 _MSE_FWD = kernel_pair(_dual_attention_mse_fwd_kernel, autotune_key=["N", "M1", "M2", "D"])
 _MSE_DQ = kernel_pair(_dual_attention_mse_bwd_dq_kernel)
-
-
-def mse_forward(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    v1: torch.Tensor,
-    k2: torch.Tensor,
-    v2: torch.Tensor,
-    mask2: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the fused forward. Returns `o1` `[B, H, N, d]`, the fp32 scalar loss and `lse2` `[B, H, N]`."""
-    b, h, n, d = q.shape
-    o1 = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    lse2 = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    partials_per_bh = triton.cdiv(n, PARTIAL_ROWS)
-    partial = torch.empty((b * h, partials_per_bh), dtype=torch.float32, device=q.device)
-    mask, smb, smm = _mask_args(mask2, q)
-    launch(
-        _MSE_FWD,
-        "forward",
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h),
-        q,
-        q,
-        k1,
-        v1,
-        k2,
-        v2,
-        mask,
-        o1,
-        lse2,
-        partial,
-        *q.stride(),
-        *k1.stride(),
-        *v1.stride(),
-        *k2.stride(),
-        *v2.stride(),
-        smb,
-        smm,
-        h,
-        n,
-        k1.shape[2],
-        k2.shape[2],
-        d,
-        scale * LOG2E,
-        partials_per_bh,
-        HAS_MASK=mask2 is not None,
-        PRECISION=precision(q.dtype),
-        PARTIAL_ROWS=PARTIAL_ROWS,
-        BLOCK_D=block_d(d),
-    )
-    # fp64 for the final fixed-order sum: cheap (numel / 16 terms) and keeps large means exact to fp32.
-    loss = (partial.sum(dtype=torch.float64) / o1.numel()).to(torch.float32)
-    return o1, loss, lse2
 
 
 class DualAttentionMSEFunction(torch.autograd.Function):
@@ -335,7 +287,21 @@ class DualAttentionMSEFunction(torch.autograd.Function):
         mask2: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o1, loss, lse2 = mse_forward(q, k1, v1, k2, v2, mask2, scale)
+        b, h, n, d = q.shape
+        o1 = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+        lse2 = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+        partials_per_bh = triton.cdiv(n, PARTIAL_ROWS)
+        partial = torch.empty((b * h, partials_per_bh), dtype=torch.float32, device=q.device)
+        launch_forward(
+            _MSE_FWD,
+            (q, k1, v1, k2, v2, mask2),
+            scale,
+            (o1, lse2, partial),
+            partials_per_bh,
+            PARTIAL_ROWS=PARTIAL_ROWS,
+        )
+        # fp64 for the final fixed-order sum: cheap (numel / 16 terms) and keeps large means exact to fp32.
+        loss = (partial.sum(dtype=torch.float64) / o1.numel()).to(torch.float32)
         ctx.mark_non_differentiable(o1)
         ctx.save_for_backward(q, k2, v2, o1, lse2, mask2)
         ctx.scale = scale
@@ -354,69 +320,9 @@ class DualAttentionMSEFunction(torch.autograd.Function):
         do = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
         delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
         dq = torch.empty_like(do) if need_dq else delta
-        mask, smb, smm = _mask_args(mask2, q)
-        launch(
-            _MSE_DQ,
-            "dq",
-            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h),
-            q,
-            q,
-            k2,
-            v2,
-            mask,
-            o1,
-            lse2,
-            c,
-            do,
-            delta,
-            dq,
-            *q.stride(),
-            *k2.stride(),
-            *v2.stride(),
-            smb,
-            smm,
-            h,
-            n,
-            k2.shape[2],
-            d,
-            scale * LOG2E,
-            scale,
-            HAS_MASK=mask2 is not None,
-            COMPUTE_DQ=need_dq,
-            PRECISION=precision(q.dtype),
-            BLOCK_D=block_d(d),
-        )
+        launch_dq(_MSE_DQ, (q, k2, v2, mask2), scale, (o1, lse2, c, do, delta, dq), compute_dq=need_dq)
         dk2 = dv2 = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             dk, dv = key_value_grads(q, k2, v2, mask2, do, lse2, delta, scale)
             dk2, dv2 = (dk * c).to(k2.dtype), (dv * c).to(v2.dtype)
         return (dq if need_dq else None), None, None, dk2, dv2, None, None
-
-
-def triton_dual_attention_mse(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    v1: torch.Tensor,
-    k2: torch.Tensor,
-    v2: torch.Tensor,
-    *,
-    mask2: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton fused dual attention + MSE (see :func:`xling.kernels.dual_attention_mse` for the contract).
-
-    Args:
-        q: Queries `[B, H, N, d]`, any strides.
-        k1: Keys of branch 1 `[B, H, M1, d]`.
-        v1: Values of branch 1 `[B, H, M1, d]`.
-        k2: Keys of branch 2 `[B, H, M2, d]`.
-        v2: Values of branch 2 `[B, H, M2, d]`.
-        mask2: Optional key-padding mask `[B, M2]`, bool, True = attend.
-        scale: Softmax scale, default `1 / sqrt(d)`.
-
-    Returns:
-        `(o1, loss)`: `o1` `[B, H, N, d]` contiguous, no grad; `loss = mean((o1 - o2)^2)`, fp32 scalar.
-    """
-    softmax_scale = check_inputs(q, k1, v1, k2, v2, mask2, scale)
-    block_d(q.shape[-1])
-    return DualAttentionMSEFunction.apply(q, k1, v1, k2, v2, mask2, softmax_scale)

@@ -19,8 +19,8 @@ else:
     HAS_TRITON = True
 
 if HAS_TRITON:
-    from xling.kernels.dual_attention import triton_dual_attention
-    from xling.kernels.dual_attention_mse import triton_dual_attention_mse
+    from xling.kernels.dual_attention import DualAttentionFunction, apply_checked
+    from xling.kernels.dual_attention_mse import DualAttentionMSEFunction
 
 
 def use_triton(q: torch.Tensor) -> bool:
@@ -69,8 +69,9 @@ def dual_attention(
         TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
-    fn = triton_dual_attention if use_triton(q) else dual_attention_reference
-    return fn(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+    if use_triton(q):
+        return apply_checked(DualAttentionFunction, q, k1, v1, k2, v2, mask2, scale=scale)
+    return dual_attention_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
 
 
 def dual_attention_mse(
@@ -104,5 +105,6 @@ def dual_attention_mse(
         TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
-    fn = triton_dual_attention_mse if use_triton(q) else dual_attention_mse_reference
-    return fn(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+    if use_triton(q):
+        return apply_checked(DualAttentionMSEFunction, q, k1, v1, k2, v2, mask2, scale=scale)
+    return dual_attention_mse_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
