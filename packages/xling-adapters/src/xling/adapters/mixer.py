@@ -1,10 +1,10 @@
 """GlueNet's translator (Qin et al., "GlueGen", ICCV 2023, arXiv:2303.10056), the MTN recipe's head.
 
 An MLP-mixer: each block mixes across features (channel MLP) and across the sequence (token MLP), both
-residual; every MLP is pre-norm, ``LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear``, with hidden size
-``mult`` times its input (GlueNet's three-layer MLPs, normalised on the way in as in MLP-Mixer). The encoder is ``depth`` blocks at the student's
-``(S, d)`` followed by a transition block to the teacher's ``(T, D)``; the decoder mirrors it back for the
-reconstruction loss. Mapping ``(77, 1024) -> (77, 768)`` with depth 5 the encoder has 50,137,938
+residual; every MLP is pre-norm, ``LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear``, with hidden
+size ``mult`` times its input (GlueNet's three-layer MLPs, normalised on the way in as in MLP-Mixer). The
+encoder is ``depth`` blocks at the student's ``(S, d)`` followed by a transition block to the teacher's
+``(T, D)``; the decoder mirrors it back for the reconstruction loss. Mapping ``(77, 1024) -> (77, 768)`` with depth 5 the encoder has 50,137,938
 parameters (GlueNet: ~50M).
 
 The token MLPs are built for a fixed source length ``S``: shorter inputs are zero-padded to ``S`` and

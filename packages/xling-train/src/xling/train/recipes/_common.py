@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xling.train.config import TOY, RecipeConfig
+from xling.train.config import TOY, DenoiseConfig, IAPConfig, PEAConfig, RecipeConfig
 from xling.train.recipes.base import Batch
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,10 @@ def latents_of(teacher: Any, batch: Batch) -> Tensor:
 
 
 def noisy_latents(
-    teacher: Any, batch: Batch, *, seed: int, t_min: int = 0, t_max: int | None = None
+    teacher: Any, batch: Batch, config: IAPConfig | PEAConfig | DenoiseConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(z0, noise, timesteps, z_t)`` with per-row seeded noise and timesteps (``[B, C, h, w]``, ``[B]``)."""
+    """``(z0, noise, timesteps, z_t)`` with per-row seeded noise and timesteps (``[B, C, h, w]``, ``[B]``),
+    seeded by ``config.seed`` and drawn from its ``timestep_min`` / ``timestep_max``."""
     from xling.train.recipes.base import sample_noise_and_timesteps
 
     z0 = latents_of(teacher, batch)
@@ -117,10 +118,10 @@ def noisy_latents(
     noise, t = sample_noise_and_timesteps(
         batch,
         z0.shape[1:],
-        seed=seed,
+        seed=config.seed,
         num_train_timesteps=int(scheduler.config.num_train_timesteps),
-        t_min=t_min,
-        t_max=t_max,
+        t_min=config.timestep_min,
+        t_max=config.timestep_max,
         device=z0.device,
     )
     return z0, noise, t, scheduler.add_noise(z0, noise, t)

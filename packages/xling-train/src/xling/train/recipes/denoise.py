@@ -42,9 +42,7 @@ class DenoiseStep(TrainStep):
 
         teacher, c = self.frozen["teacher"], self.config
         unet = teacher.unet
-        z0, noise, t, z_t = _common.noisy_latents(
-            teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
-        )
+        z0, noise, t, z_t = _common.noisy_latents(teacher, batch, c)
         student = self.encoder(batch.zh)
         dtype = _common.unet_dtype(teacher)
         pred = unet(

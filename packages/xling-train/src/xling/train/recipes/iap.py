@@ -42,9 +42,7 @@ class IAPStep(TrainStep):
         teacher, c = self.frozen["teacher"], self.config
         with torch.no_grad():
             cond = _common.teacher_conditioning(teacher, batch)  # prompt_embeds [B, 77, D]
-            _, _, t, z_t = _common.noisy_latents(
-                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
-            )
+            _, _, t, z_t = _common.noisy_latents(teacher, batch, c)
         student = self.encoder(batch.zh)  # prompt_embeds [B, L, D]
         dtype = _common.unet_dtype(teacher)
         with self.tap as tap:

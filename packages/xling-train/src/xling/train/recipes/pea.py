@@ -54,9 +54,7 @@ class PEAStep(TrainStep):
         teacher, c = self.frozen["teacher"], self.config
         with torch.no_grad():
             cond = _common.teacher_conditioning(teacher, batch)
-            z0, noise, t, z_t = _common.noisy_latents(
-                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
-            )
+            z0, noise, t, z_t = _common.noisy_latents(teacher, batch, c)
             pred_t, feats_t = self._unet(z_t, t, cond.prompt_embeds, None, cond.pooled_prompt_embeds)
         student = self.encoder(batch.zh)
         pred_s, feats_s = self._unet(
