@@ -11,9 +11,11 @@ naive: a teacher UNet pass (no_grad) and a second UNet pass conditioned on E_zh,
 Both steps include the student forward, backward and an AdamW step; the UNet is frozen in both.
 E_en is a fixed tensor (a cached teacher embedding: identical work for both methods).
 
-Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (absolute, and above
-what was allocated before them). CPU: process RSS sampled every 0.5 ms by a thread, peak above the
-RSS before the timed steps, with glibc's mmap threshold pinned to 64 KiB (``mallopt``) so freed
+Timing: ``--iters`` rounds, each running one step of every method in turn, so load from other jobs on
+a shared machine falls on both methods alike; the ratio of the two is the number to read.
+Peak memory: a separate pass of two steps per method. CUDA ``torch.cuda.max_memory_allocated``
+(absolute, and above what was allocated before them). CPU: process RSS sampled every 0.5 ms by a
+thread, peak above the RSS before the steps, with glibc's mmap threshold pinned to 64 KiB (``mallopt``) so freed
 tensors go back to the OS and RSS follows live memory; tracemalloc does not see torch's allocations.
 
 Usage::
@@ -74,6 +76,10 @@ TINY_UNET = {
 }
 
 
+#: Steps per method in the memory pass (the peak is reached in every step; timing has its own rounds).
+MEMORY_STEPS = 2
+
+
 @dataclass
 class Result:
     method: str
@@ -85,26 +91,37 @@ class Result:
 
 
 class Student(nn.Module):
-    """A random BERT-like encoder plus a linear head to the teacher width: E_zh = head(bert(ids))."""
+    """A BERT encoder plus a linear head to the teacher width: E_zh = head(bert(ids))."""
 
-    def __init__(self, width: int, layers: int, heads: int, out_dim: int, vocab: int = 21128) -> None:
+    def __init__(self, bert: nn.Module, out_dim: int) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
-
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * width,
-            max_position_embeddings=512,
-        )
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.head = nn.Linear(width, out_dim)
+        self.bert = bert
+        self.head = nn.Linear(bert.config.hidden_size, out_dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, w]
         return self.head(hidden)  # [B, L, D]
+
+
+def build_student(config: str, width: int | None, layers: int | None, out_dim: int) -> Student:
+    """The committed toy student for ``--config toy`` (what ``xling train iap`` trains), else a random BERT
+    (vocabulary 21128, as bert-base-chinese) of the given size."""
+    from transformers import BertConfig, BertModel
+
+    if config == "toy" and width is None and layers is None:
+        from xling.train.toyworld.student import student_path
+
+        return Student(BertModel.from_pretrained(student_path(), add_pooling_layer=False), out_dim)
+    width = width or (768 if config == "sd15" else 64)
+    bert_config = BertConfig(
+        vocab_size=21128,
+        hidden_size=width,
+        num_hidden_layers=layers or (12 if config == "sd15" else 2),
+        num_attention_heads=max(1, width // 64),
+        intermediate_size=4 * width,
+        max_position_embeddings=512,
+    )
+    return Student(BertModel(bert_config, add_pooling_layer=False), out_dim)
 
 
 def build_unet(config: str, teacher: str | None) -> nn.Module:
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="UNet dtype")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--text-len", type=int, default=77)
+    parser.add_argument("--text-len", type=int, default=None, help="student tokens (default: 77, toy: 64)")
     parser.add_argument("--student-width", type=int, default=None)
     parser.add_argument("--student-layers", type=int, default=None)
     parser.add_argument(
@@ -193,26 +210,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.dtype or ("fp16" if cuda else "fp32")
     ]
     batch = args.batch_size or (8 if sd15 else 4)
-    width = args.student_width or (768 if sd15 else 64)
-    layers = args.student_layers or (12 if sd15 else 2)
     pinned = False if cuda else pin_glibc_mmap_threshold()
 
     torch.manual_seed(args.seed)
     unet = build_unet(args.config, args.teacher).to(device=device, dtype=dtype).eval().requires_grad_(False)
     cfg = unet.config
     latent = int(cfg.sample_size)
-    student = Student(width, layers, max(1, width // 64), int(cfg.cross_attention_dim)).to(
-        device
-    )  # fp32 trainable
+    student = build_student(
+        args.config, args.student_width, args.student_layers, int(cfg.cross_attention_dim)
+    )
+    student = student.to(device)  # fp32 trainable
+    vocab, positions = student.bert.config.vocab_size, student.bert.config.max_position_embeddings
+    text_len = args.text_len or min(77, positions)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     g = torch.Generator().manual_seed(args.seed)
     z_t = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(device, dtype)  # [B, C, h, w]
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     e_en = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)  # [B, 77, D]
-    ids = torch.randint(1000, 21128, (batch, args.text_len), generator=g).to(device)  # [B, L]
-    lengths = torch.randint(args.text_len // 2, args.text_len + 1, (batch,), generator=g)
-    mask = (torch.arange(args.text_len)[None] < lengths[:, None]).to(device)  # [B, L] True = token
+    ids = torch.randint(vocab // 20, vocab, (batch, text_len), generator=g).to(device)  # [B, L], no specials
+    lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=g)
+    mask = (torch.arange(text_len)[None] < lengths[:, None]).to(device)  # [B, L] True = token
 
     if args.attention == "kernel":
         from xling.kernels import dual_attention_mse as attention_fn
@@ -270,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    results: list[Result] = []
+    # Memory: a few steps per method in a block of their own, the peak over them.
+    memory: dict[str, tuple[float, float, float]] = {}  # method -> (peak, base, loss of its first step)
     for method in methods:
         gc.collect()
         sync()
@@ -278,27 +297,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            start = time.perf_counter()
-            losses = [steps[method]() for _ in range(args.iters)]
+            losses = [steps[method]() for _ in range(MEMORY_STEPS)]
             sync()
-            elapsed = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated()
         else:
             with RssPeak() as rss:
-                start = time.perf_counter()
-                losses = [steps[method]() for _ in range(args.iters)]
-                elapsed = time.perf_counter() - start
+                losses = [steps[method]() for _ in range(MEMORY_STEPS)]
             base, peak = rss.base, rss.peak
-        results.append(
-            Result(
-                method,
-                batch * args.iters / elapsed,
-                1000 * elapsed / args.iters,
-                peak / 2**20,
-                (peak - base) / 2**20,
-                losses[0],
-            )
+        memory[method] = (peak, base, losses[0])
+    # Time: rounds that alternate the methods, so what other jobs on a shared machine cost hits both alike.
+    elapsed = dict.fromkeys(methods, 0.0)
+    for _ in range(args.iters):
+        for method in methods:
+            sync()
+            start = time.perf_counter()
+            steps[method]()
+            sync()
+            elapsed[method] += time.perf_counter() - start
+    results = [
+        Result(
+            method,
+            batch * args.iters / elapsed[method],
+            1000 * elapsed[method] / args.iters,
+            memory[method][0] / 2**20,
+            (memory[method][0] - memory[method][1]) / 2**20,
+            memory[method][2],
         )
+        for method in methods
+    ]
     for hook in hooks:
         hook.remove()
 
@@ -341,9 +367,10 @@ def markdown(info: dict[str, Any]) -> str:
     lines = [
         f"{info['device']} | {info['config']} | UNet {info['unet_params_m']}M params, {info['cross_attention_layers']} "
         f"cross-attn layers, {info['dtype']} | student {info['student_params_m']}M | batch {info['batch']}, latent "
-        f"{info['latent']} | attention: {info['attention']} | memory: {info['memory']} | torch {info['torch']}",
+        f"{info['latent']} | attention: {info['attention']} | memory: {info['memory']} | torch {info['torch']} | "
+        f"{info['iters']} interleaved timed rounds after {info['warmup']} warm-up steps",
         "",
-        "| method | samples/s | ms/step | peak MiB | peak above start MiB | loss (1st timed step) |",
+        "| method | samples/s | ms/step | peak MiB | peak above start MiB | loss (1st measured step) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in info["results"]:

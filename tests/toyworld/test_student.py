@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from xling.train.config import TOY_STUDENTS
 from xling.train.toyworld import student as toy
 
 
@@ -15,17 +16,18 @@ def captions() -> list[str]:
     return toy.world_chinese_captions("all", variants=4)
 
 
-@pytest.mark.parametrize("pretrained", [True, False])
-def test_variant_loads_with_auto_classes(pretrained: bool) -> None:
+@pytest.mark.parametrize("variant", TOY_STUDENTS)
+def test_variant_loads_with_auto_classes(variant: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    path = toy.student_path(pretrained=pretrained)
+    path = toy.student_path(variant)
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
     model = AutoModel.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert type(model).__name__ == "BertModel" and tokenizer.is_fast
     record = json.loads((path / "toy_student.json").read_text())
-    assert record["variant"] == ("pretrained" if pretrained else "random")
+    assert record["variant"] == variant
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(toy.student_path()).get_vocab()
     batch = tokenizer(["左边的红色圆形", "红色圆形"], padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -51,8 +53,8 @@ def test_tokenizer_covers_every_grammar_character(captions: list[str]) -> None:
 def test_variants_share_initialisation_and_differ_by_pretraining() -> None:
     from transformers import AutoModel
 
-    random = AutoModel.from_pretrained(toy.student_path(pretrained=False)).state_dict()
-    pretrained = AutoModel.from_pretrained(toy.student_path(pretrained=True)).state_dict()
+    random = AutoModel.from_pretrained(toy.student_path("random")).state_dict()
+    pretrained = AutoModel.from_pretrained(toy.student_path()).state_dict()
     assert random.keys() == pretrained.keys()
     # MLM never trains the pooler, so it keeps the shared seeded initialisation; the encoder moved.
     assert torch.equal(random["pooler.dense.weight"], pretrained["pooler.dense.weight"])
@@ -60,6 +62,25 @@ def test_variants_share_initialisation_and_differ_by_pretraining() -> None:
                            pretrained["encoder.layer.0.attention.self.query.weight"])  # fmt: skip
     stats = json.loads((toy.student_path() / "toy_student.json").read_text())["mlm"]
     assert stats["probe_masked_accuracy_after"] > stats["probe_masked_accuracy_before"] + 0.3
+
+
+def test_aligned_student_continues_from_the_pretrained_one() -> None:
+    from transformers import AutoModel
+
+    pretrained = AutoModel.from_pretrained(toy.student_path()).state_dict()
+    aligned = AutoModel.from_pretrained(toy.student_path("aligned")).state_dict()
+    assert aligned.keys() == pretrained.keys()
+    # distill trains the whole encoder; the embeddings of characters it never sees stay, the layers move
+    moved = [k for k in pretrained if not torch.equal(pretrained[k], aligned[k])]
+    assert any(k.startswith("encoder.layer.3.") for k in moved)
+    record = json.loads((toy.student_path("aligned") / "toy_student.json").read_text())
+    assert record["from"] == "student-pretrained" and record["distill"]["steps"] > 0
+    assert record["distill"]["pooled"] < 0.5 * record["distill"]["first_loss"]  # validation vs first update
+
+
+def test_unknown_variant_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown toy student 'aligend'"):
+        toy.student_path("aligend")
 
 
 def test_heldout_combinations_stay_out_of_the_mlm_corpus() -> None:

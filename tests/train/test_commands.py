@@ -25,7 +25,7 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     unet_config = json.loads((teacher_path() / "unet" / "config.json").read_text())
     torch.manual_seed(0)
-    student = student_path(pretrained=True)
+    student = student_path()
     width = json.loads((student / "config.json").read_text())["hidden_size"]
     head = LinearHead(LinearHeadConfig(student_width=width, teacher_width=unet_config["cross_attention_dim"]))
     return LanguageEncoder.from_student(student, head).save_pretrained(tmp_path_factory.mktemp("adapter"))

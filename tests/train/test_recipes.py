@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,28 @@ def test_toy_world_data_and_end_of_run_report(recipe_config):
     assert result.steps == 1 and "val/attention" in result.val_logs
     assert result.files["report"].is_file() and result.files["grid"].is_file()
     assert "xling evaluation" in result.files["report"].read_text()
+
+
+def test_adapter_on_the_toy_student_is_self_contained(recipe_config, tmp_path):
+    # A frozen student is normally recorded by path; the toy student's path is inside the installed package.
+    from transformers import BertModel
+
+    from xling.adapters import LanguageEncoder
+    from xling.train.recipes import run_recipe
+    from xling.train.toyworld.student import student_path
+
+    config = {
+        **recipe_config(max_steps=1, data={"path": "toy", "num_samples": 8, "val_samples": 4}),
+        "student": "toy",
+    }
+    adapter = run_recipe("mtn", config).adapter_dir
+    saved = json.loads((adapter / "config.json").read_text())
+    assert saved["layout"]["student"] == "student" and saved["encoder"]["student_weights"] == "frozen"
+    saved["encoder"]["student_model"] = str(tmp_path / "moved-away")
+    (adapter / "config.json").write_text(json.dumps(saved))
+    loaded = LanguageEncoder.from_pretrained(adapter).student.state_dict()
+    original = BertModel.from_pretrained(student_path()).state_dict()
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
 
 
 @pytest.mark.parametrize(

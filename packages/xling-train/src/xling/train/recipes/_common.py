@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xling.train.config import TOY, DenoiseConfig, IAPConfig, PEAConfig, RecipeConfig
+from xling.train.config import TOY, TOY_STUDENTS, DenoiseConfig, IAPConfig, PEAConfig, RecipeConfig
 from xling.train.recipes.base import Batch
 
 logger = logging.getLogger(__name__)
@@ -25,13 +25,23 @@ def resolve_teacher(name: str) -> str:
     return name
 
 
-def resolve_student(name: str) -> str:
-    """``"toy"`` -> the committed pretrained toy student; anything else is a path or Hub id."""
+def toy_student_variant(name: str) -> str | None:
+    """``"toy"`` -> ``"pretrained"``, ``"toy-<variant>"`` -> ``"<variant>"``; ``None`` for any other student."""
     if name == TOY:
-        from xling.train.toyworld.student import student_path
+        return "pretrained"
+    variant = name.removeprefix(f"{TOY}-")
+    return variant if variant != name and variant in TOY_STUDENTS else None
 
-        return str(student_path(pretrained=True))
-    return name
+
+def resolve_student(name: str) -> str:
+    """A committed toy student (``"toy"``, ``"toy-random"``, ``"toy-aligned"``) -> its directory; anything else
+    is a path or Hub id."""
+    variant = toy_student_variant(name)
+    if variant is None:
+        return name
+    from xling.train.toyworld.student import student_path
+
+    return str(student_path(variant))
 
 
 def load_teacher(config: RecipeConfig, *, device: torch.device, dtype: torch.dtype) -> Any:
@@ -76,6 +86,23 @@ def build_encoder(config: RecipeConfig, head: torch.nn.Module, **kwargs: Any) ->
     from xling.adapters import LanguageEncoder
 
     return LanguageEncoder.from_student(resolve_student(config.student), head, **kwargs)
+
+
+def student_mask(config: IAPConfig | PEAConfig | DenoiseConfig, student: Any) -> Tensor | None:
+    """The student's key padding mask ``[B, L]`` for the UNet, or ``None`` (every position attends, as at
+    generation) unless ``config.student_padding_mask``."""
+    return student.attention_mask if config.student_padding_mask else None
+
+
+def save_adapter(config: RecipeConfig, encoder: Any, output_dir: str | Path) -> Path:
+    """Write ``encoder`` to ``output_dir/adapter`` (the ``xling-adapters`` format) and return that folder.
+
+    A toy student is copied in even when frozen: it lives inside the installed package, so the path a frozen
+    student is recorded by would not survive a reinstall or a copy of the adapter to another machine.
+    """
+    path = Path(output_dir) / "adapter"
+    encoder.save_pretrained(path, include_student=toy_student_variant(config.student) is not None)
+    return path
 
 
 def attention_fn(config: RecipeConfig, device: torch.device) -> Callable[..., Any]:

@@ -63,9 +63,7 @@ class AlignStep(TrainStep):
         return weighted_sum(terms, weights, require_finite=True)
 
     def save(self, output_dir: Path) -> dict[str, Path]:
-        path = Path(output_dir) / "adapter"
-        self.encoder.save_pretrained(path)
-        return {"adapter": path}
+        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
 
 
 def build(config: AlignConfig, *, device: torch.device, dtype: torch.dtype) -> AlignStep:

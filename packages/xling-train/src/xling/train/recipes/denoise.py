@@ -49,7 +49,7 @@ class DenoiseStep(TrainStep):
             z_t.to(dtype),
             t,
             encoder_hidden_states=student.prompt_embeds.to(dtype),
-            encoder_attention_mask=student.attention_mask,
+            encoder_attention_mask=_common.student_mask(c, student),
             **_common.unet_kwargs(teacher, len(batch), student.pooled_prompt_embeds, dtype),
         ).sample
         loss = denoising(
@@ -67,8 +67,7 @@ class DenoiseStep(TrainStep):
         from safetensors.torch import save_file
 
         output_dir = Path(output_dir)
-        files = {"adapter": output_dir / "adapter"}
-        self.encoder.save_pretrained(files["adapter"])
+        files = {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
         if self.config.trainable == "kv":
             weights = {
                 n: p.detach().float().cpu().contiguous()

@@ -44,9 +44,7 @@ class DistillStep(TrainStep):
         return weighted_sum({"pooled": pooled_kd(student_cls.float(), target)}, require_finite=True)
 
     def save(self, output_dir: Path) -> dict[str, Path]:
-        path = Path(output_dir) / "adapter"
-        self.encoder.save_pretrained(path)
-        return {"adapter": path}
+        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
 
 
 def build(config: DistillConfig, *, device: torch.device, dtype: torch.dtype) -> DistillStep:

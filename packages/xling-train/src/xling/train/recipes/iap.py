@@ -46,7 +46,7 @@ class IAPStep(TrainStep):
         student = self.encoder(batch.zh)  # prompt_embeds [B, L, D]
         dtype = _common.unet_dtype(teacher)
         with self.tap as tap:
-            tap.set_student(student.prompt_embeds.to(dtype), student.attention_mask)
+            tap.set_student(student.prompt_embeds.to(dtype), _common.student_mask(c, student))
             teacher.unet(
                 z_t.to(dtype),
                 t,
@@ -62,9 +62,7 @@ class IAPStep(TrainStep):
         return weighted_sum(terms, require_finite=True)
 
     def save(self, output_dir: Path) -> dict[str, Path]:
-        path = Path(output_dir) / "adapter"
-        self.encoder.save_pretrained(path)
-        return {"adapter": path}
+        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
 
 
 def build(config: IAPConfig, *, device: torch.device, dtype: torch.dtype) -> IAPStep:

@@ -58,7 +58,7 @@ class PEAStep(TrainStep):
             pred_t, feats_t = self._unet(z_t, t, cond.prompt_embeds, None, cond.pooled_prompt_embeds)
         student = self.encoder(batch.zh)
         pred_s, feats_s = self._unet(
-            z_t, t, student.prompt_embeds, student.attention_mask, student.pooled_prompt_embeds
+            z_t, t, student.prompt_embeds, _common.student_mask(c, student), student.pooled_prompt_embeds
         )
 
         culture = (
@@ -89,9 +89,7 @@ class PEAStep(TrainStep):
         return weighted_sum(terms, weights, require_finite=True)
 
     def save(self, output_dir: Path) -> dict[str, Path]:
-        path = Path(output_dir) / "adapter"
-        self.encoder.save_pretrained(path)
-        return {"adapter": path}
+        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
 
 
 def build(config: PEAConfig, *, device: torch.device, dtype: torch.dtype) -> PEAStep:

@@ -1,15 +1,18 @@
 """The toy world's Chinese student: a tiny character-level BERT with a real fast tokenizer.
 
-Two variants are committed under ``toyworld/assets/``, both in Hugging Face format (``config.json``,
+Three variants are committed under ``toyworld/assets/``, all in Hugging Face format (``config.json``,
 ``model.safetensors``, ``tokenizer.json``) so that ``AutoModel`` / ``AutoTokenizer`` load them like any hub
 student:
 
 - ``student-random``: the architecture at its seeded random initialisation;
 - ``student-pretrained``: the same initialisation after masked-language-model pretraining on the world's
   Chinese captions (training split only, so held-out combinations stay unseen), as the IAP paper compares a
-  scratch student with a pretrained one.
+  scratch student with a pretrained one;
+- ``student-aligned``: the pretrained student after the ``distill`` recipe (AltCLIP's teacher learning: its
+  ``[CLS]`` regressed onto the toy teacher's pooled text embedding), a toy "multilingual CLIP" encoder, the
+  kind of frozen student PEA-Diffusion builds on.
 
-Both are written by ``scripts/pretrain_toy_student.py``; the functions here do the work so the script is a
+All are written by ``scripts/pretrain_toy_student.py``; the functions here do the work so the script is a
 thin command line and the tests can build a miniature student the same way.
 
 The tokenizer is a WordPiece model whose vocabulary is one token per character: BERT's pre-tokenizer already
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from xling.train.config import TOY_STUDENTS
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -95,19 +100,23 @@ class ToyStudentConfig:
             raise ValueError(f"max_length must be at least 4, got {self.max_length}")
 
 
-def student_path(pretrained: bool = True) -> Path:
+def student_path(variant: str = "pretrained") -> Path:
     """Directory of a committed toy student, loadable with ``AutoModel`` / ``AutoTokenizer``.
 
     Args:
-        pretrained: ``True`` for the MLM-pretrained variant, ``False`` for the random initialisation.
+        variant: One of :data:`xling.train.config.TOY_STUDENTS`: ``"pretrained"`` (MLM), ``"random"`` (the initialisation) or
+            ``"aligned"`` (MLM, then aligned to the toy teacher's text encoder).
 
     Returns:
         The variant's directory inside the installed package.
 
     Raises:
+        ValueError: Unknown variant.
         FileNotFoundError: The variant has not been written (run ``scripts/pretrain_toy_student.py``).
     """
-    path = _ASSETS / ("student-pretrained" if pretrained else "student-random")
+    if variant not in TOY_STUDENTS:
+        raise ValueError(f"unknown toy student {variant!r}; expected one of {TOY_STUDENTS}")
+    path = _ASSETS / f"student-{variant}"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"toy student {path} is missing; write it with scripts/pretrain_toy_student.py"
