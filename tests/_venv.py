@@ -79,7 +79,9 @@ def distributions(python: Path) -> dict[str, list[str]]:
     graph = {}
     for name, requires in raw.items():
         reqs = [Requirement(line) for line in requires]
-        graph[_norm(name)] = [_norm(r.name) for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+        graph[_norm(name)] = [
+            _norm(r.name) for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})
+        ]
     return graph
 
 

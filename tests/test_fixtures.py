@@ -18,7 +18,10 @@ def test_sd1_pipeline_loads_and_has_real_tokenizer(tiny_sd1_path):
     # Whole words of the fixture text are single BPE tokens; unknown text falls back to byte symbols.
     assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
     assert len(pipe.tokenizer.tokenize("zebra")) > 1
-    assert json.loads((tiny_sd1_path / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert (
+        json.loads((tiny_sd1_path / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+        == "epsilon"
+    )
 
 
 def test_sd2_pipeline_is_v_prediction_with_linear_projection(tiny_sd2_path):
@@ -40,7 +43,9 @@ def test_sdxl_pipeline_generates(tiny_sdxl_path):
     assert torch.isfinite(torch.from_numpy(image)).all()
 
 
-@pytest.mark.parametrize(("fixture", "width", "cls"), [("tiny_bert_path", 48, "[CLS]"), ("tiny_xlmr_path", 40, "<s>")])
+@pytest.mark.parametrize(
+    ("fixture", "width", "cls"), [("tiny_bert_path", 48, "[CLS]"), ("tiny_xlmr_path", 40, "<s>")]
+)
 def test_students_tokenize_chinese_and_encode(request, fixture, width, cls):
     from transformers import AutoModel, AutoTokenizer
 

@@ -40,7 +40,10 @@ def _install_alone(tmp_path, requirement: str, dist: str) -> _venv.Path:
         if name in graph:
             # Only torch itself may bring triton (PyPI's Linux wheels require it); xling never does.
             assert name in allowed_through_torch, f"{dist} pulled {name}: {sorted(graph)}"
-            assert name not in _venv.pulled_by(graph, dist, stop_at=("torch",)) - {"torch"} - allowed_through_torch
+            assert (
+                name
+                not in _venv.pulled_by(graph, dist, stop_at=("torch",)) - {"torch"} - allowed_through_torch
+            )
     return python
 
 
