@@ -15,8 +15,9 @@ Timing: ``--iters`` rounds, each running one step of every method in turn, so lo
 a shared machine falls on both methods alike; the ratio of the two is the number to read.
 Peak memory: a separate pass of two steps per method. CUDA ``torch.cuda.max_memory_allocated``
 (absolute, and above what was allocated before them). CPU: process RSS sampled every 0.5 ms by a
-thread, peak above the RSS before the steps, with glibc's mmap threshold pinned to 64 KiB (``mallopt``) so freed
-tensors go back to the OS and RSS follows live memory; tracemalloc does not see torch's allocations.
+thread, peak above the RSS before the steps, with glibc's mmap threshold pinned to 64 KiB
+(``mallopt``) so freed tensors go back to the OS and RSS follows live memory; tracemalloc does not
+see torch's allocations.
 
 Usage::
 

@@ -4,8 +4,8 @@ An MLP-mixer: each block mixes across features (channel MLP) and across the sequ
 residual; every MLP is pre-norm, ``LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear``, with hidden
 size ``mult`` times its input (GlueNet's three-layer MLPs, normalised on the way in as in MLP-Mixer). The
 encoder is ``depth`` blocks at the student's ``(S, d)`` followed by a transition block to the teacher's
-``(T, D)``; the decoder mirrors it back for the reconstruction loss. Mapping ``(77, 1024) -> (77, 768)`` with depth 5 the encoder has 50,137,938
-parameters (GlueNet: ~50M).
+``(T, D)``; the decoder mirrors it back for the reconstruction loss. Mapping ``(77, 1024) -> (77, 768)``
+with depth 5 the encoder has 50,137,938 parameters (GlueNet: ~50M).
 
 The token MLPs are built for a fixed source length ``S``: shorter inputs are zero-padded to ``S`` and
 padded positions are zeroed before mixing, so what a tokenizer put there does not matter.

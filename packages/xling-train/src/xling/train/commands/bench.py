@@ -4,11 +4,11 @@ Each recipe trains from its own toy student (the MLM-pretrained one; PEA: the al
 starts from a multilingual CLIP) unless ``--student pretrained|random|aligned`` sets one for all, with the
 same data order and seed, on its own toy budget unless ``--steps`` sets one. Every ``--eval-every`` updates
 (and at the end) the adapter is scored on the toy world by :func:`xling.train.evaluation.evaluate_toy` with
-the same scenes, seeds and sampler. The teacher's own
-generations are sampled once and shared by every evaluation. The result is a table (recipe, trainable
-parameters, steps, training wall time, Chinese-prompt accuracy per attribute, agreement with the teacher)
-and a plot of accuracy against training steps, written between the bench markers of ``--doc`` (the rest of
-the document is kept), plus ``bench.json`` in ``--output-dir``.
+the same scenes, seeds and sampler. The teacher's own generations are sampled once and shared by every
+evaluation. The result is a table (recipe, student, trainable parameters, steps, training wall time,
+Chinese-prompt accuracy per attribute, agreement with the teacher) and a plot of accuracy against training
+steps, written between the bench markers of ``--doc`` (the rest of the document is kept), plus ``bench.json``
+in ``--output-dir``.
 
 A tiny run for CI: ``xling bench --recipes align iap --steps 4 --eval-every 0 --max-scenes 4 --seeds 0``.
 """

@@ -105,20 +105,22 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from xling.train.config import TOY, load_config
     from xling.train.loop import NonFiniteTrainingError
     from xling.train.recipes import run_recipe
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("func", "recipe", "recipe_name", "command", "config")
     }
-    import torch
-
-    if _toy_on_cpu(overrides) and "OMP_NUM_THREADS" not in os.environ:
-        # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
-        # second thread made the default run several times slower (docs/toyworld.md).
-        torch.set_num_threads(1)
     try:
-        result = run_recipe(args.recipe, args.config, overrides=overrides)
+        cfg = load_config(args.recipe, args.config, overrides)
+        if cfg.teacher == TOY and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+            # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
+            # second thread made the default run several times slower (docs/toyworld.md).
+            torch.set_num_threads(1)
+        result = run_recipe(args.recipe, cfg)
     except NonFiniteTrainingError as err:
         print(f"xling train {args.recipe}: {err}", file=sys.stderr)
         return 1
@@ -133,10 +135,3 @@ def _run(args: argparse.Namespace) -> int:
     for name, path in sorted(result.files.items()):
         print(f"{name}: {path}")
     return 0
-
-
-def _toy_on_cpu(overrides: dict[str, Any]) -> bool:
-    """Whether this run trains on the toy world without a GPU."""
-    import torch
-
-    return overrides.get("teacher", "toy") == "toy" and not torch.cuda.is_available()

@@ -104,8 +104,8 @@ def student_path(variant: str = "pretrained") -> Path:
     """Directory of a committed toy student, loadable with ``AutoModel`` / ``AutoTokenizer``.
 
     Args:
-        variant: One of :data:`xling.train.config.TOY_STUDENTS`: ``"pretrained"`` (MLM), ``"random"`` (the initialisation) or
-            ``"aligned"`` (MLM, then aligned to the toy teacher's text encoder).
+        variant: One of :data:`xling.train.config.TOY_STUDENTS`: ``"pretrained"`` (MLM), ``"random"`` (the
+            initialisation) or ``"aligned"`` (MLM, then aligned to the toy teacher's text encoder).
 
     Returns:
         The variant's directory inside the installed package.
