@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from xling.train.config import TOY_STUDENTS
+from xling.train.toyworld import TOY_STUDENTS
 from xling.train.toyworld import student as toy
 
 if TYPE_CHECKING:

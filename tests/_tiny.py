@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from xling.train.toyworld.teacher import bytes_to_unicode
+
 #: English and Chinese lines the tiny tokenizers are built from (the prompts the tests use among them).
 BILINGUAL_TEXT: tuple[str, ...] = (
     "a cat wearing a hat",
@@ -46,23 +48,6 @@ BILINGUAL_TEXT: tuple[str, ...] = (
 _SEED = 0
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-printable-character table (so every byte has a visible BPE symbol)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def clip_tokenizer(text: tuple[str, ...] = BILINGUAL_TEXT):
     """A ``CLIPTokenizer`` loaded from the small vocabulary :func:`write_clip_tokenizer` writes."""
     from transformers import CLIPTokenizer
@@ -80,12 +65,12 @@ def write_clip_tokenizer(directory: Path, text: tuple[str, ...] = BILINGUAL_TEXT
     from transformers import CLIPTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
     words = sorted({w for line in text for w in line.lower().split() if w.isascii()})
     for word in words:
-        chars = [_bytes_to_unicode()[b] for b in word.encode()]
+        chars = [bytes_to_unicode()[b] for b in word.encode()]
         chars[-1] += "</w>"
         left = chars[0]
         for right in chars[1:]:

@@ -189,6 +189,49 @@ def test_unfrozen_round_trip(tiny_bert_path, tmp_path):
     assert torch.equal(loaded([CAT]).prompt_embeds, enc([CAT]).prompt_embeds)
 
 
+def test_set_trainable_records_the_mode_that_saving_reads(tiny_bert_path, tmp_path):
+    enc = LanguageEncoder.from_student(tiny_bert_path, _mlp())
+    enc.set_trainable(backbone=True)
+    trainable = {n for n, p in enc.student.named_parameters() if p.requires_grad}
+    # Everything but the student's own pooler, which the head never reads (DDP would wait for its gradient).
+    assert trainable and not any(n.startswith("pooler.") for n in trainable)
+    assert {n for n, _ in enc.student.named_parameters()} - trainable == {
+        n for n, _ in enc.student.named_parameters() if n.startswith("pooler.")
+    }
+    with torch.no_grad():
+        enc.student.encoder.layer[0].output.dense.weight.add_(0.5)  # "training"
+    enc.save_pretrained(tmp_path / "unfrozen")
+    cfg = json.loads((tmp_path / "unfrozen" / "config.json").read_text())
+    assert cfg["encoder"]["student_weights"] == "unfrozen" and cfg["layout"]["student"] == "student"
+    loaded = LanguageEncoder.from_pretrained(tmp_path / "unfrozen", student_path="/nonexistent")
+    assert torch.equal(loaded([CAT]).prompt_embeds, enc([CAT]).prompt_embeds)
+
+    # Freezing again keeps the record: the weights already differ from the base student's.
+    enc.set_trainable(backbone=False)
+    assert not any(p.requires_grad for p in enc.student.parameters())
+    assert all(p.requires_grad for p in enc.head.parameters())
+    assert enc.config.student_weights == "unfrozen"
+
+    frozen = LanguageEncoder.from_student(tiny_bert_path, _mlp())
+    frozen.set_trainable(backbone=False)
+    assert frozen.config.student_weights == "frozen"
+    # Flipping requires_grad behind the encoder's back is refused at save time instead of losing the weights.
+    frozen.student.encoder.layer[0].output.dense.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="set_trainable"):
+        frozen.save_pretrained(tmp_path / "bad")
+
+
+def test_set_trainable_keeps_a_lora_student_on_its_lora_weights(tiny_xlmr_path):
+    pytest.importorskip("peft")
+    enc = LanguageEncoder.from_student(tiny_xlmr_path, _mlp(width=40), lora=LoraHeadConfig())
+    before = {n for n, p in enc.student.named_parameters() if p.requires_grad}
+    enc.set_trainable(backbone=False)
+    assert {n for n, p in enc.student.named_parameters() if p.requires_grad} == before
+    assert before and all("lora_" in n for n in before) and enc.config.student_weights == "lora"
+    with pytest.raises(ValueError, match="LoRA"):
+        enc.set_trainable(backbone=True)
+
+
 def test_from_pretrained_rejects_other_directories(tmp_path, bert_encoder):
     bert_encoder.head.save_pretrained(tmp_path / "head_only")
     with pytest.raises(ValueError, match="not a language-encoder config"):

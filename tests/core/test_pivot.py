@@ -267,3 +267,28 @@ def test_full_size_layouts_count_cross_attention(config, count):
         kinds = [type(p).__name__ for p in unet.attn_processors.values()]
     assert kinds.count("PivotAttnProcessor") == count
     assert "PivotAttnProcessor" not in {type(p).__name__ for p in unet.attn_processors.values()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fully_masked_student_row_gives_zero_output_and_zero_gradient(fused):
+    """One rule with xling-kernels: a batch element whose student keys are all masked gets ``o2 = 0`` and no
+    gradient (SDPA alone would give NaN), while the other elements are exactly SDPA's."""
+    g = torch.Generator().manual_seed(0)
+    q, k1, v1 = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    k2, v2 = (torch.randn(2, 2, 3, 8, generator=g).requires_grad_() for _ in range(2))
+    q.requires_grad_()
+    mask2 = torch.tensor([[True, True, False], [False, False, False]])
+    fn = dual_attention_mse_sdpa if fused else dual_attention_sdpa
+    o1, second = fn(q, k1, v1, k2, v2, mask2=mask2)
+    expected = F.scaled_dot_product_attention(q[:1], k2[:1, :, :2], v2[:1, :, :2])
+    if fused:
+        o2_rows = torch.cat([expected, torch.zeros_like(expected)])
+        assert torch.allclose(second, (o1 - o2_rows).pow(2).mean(), atol=1e-6)
+    else:
+        assert torch.allclose(second[:1], expected, atol=1e-6)
+        assert torch.equal(second[1], torch.zeros_like(second[1]))
+    second.sum().backward()
+    for grad in (q.grad, k2.grad, v2.grad):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    assert q.grad[0].abs().sum() > 0

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from xling.core import (
-    StudentConditioning,
+    Conditioning,
     StudentEncoder,
     StudentHiddenStates,
     check_conditioning_fits,
@@ -23,13 +23,6 @@ class _Hidden:
     hidden_states: Tensor
     attention_mask: Tensor
     pooled: Tensor
-
-
-@dataclass
-class _Cond:
-    prompt_embeds: Tensor
-    pooled_prompt_embeds: Tensor | None
-    attention_mask: Tensor
 
 
 class _ToyStudent(nn.Module):
@@ -52,10 +45,10 @@ class _ToyStudent(nn.Module):
         hidden = self.embed(ids)
         return _Hidden(hidden, mask, hidden[:, 0])
 
-    def forward(self, prompts: Sequence[str]) -> _Cond:
+    def forward(self, prompts: Sequence[str]) -> Conditioning:
         h = self.encode(prompts)
         pooled = None if self.pool_head is None else self.pool_head(h.pooled)
-        return _Cond(self.head(h.hidden_states), pooled, h.attention_mask)
+        return Conditioning(self.head(h.hidden_states), pooled, h.attention_mask)
 
 
 @dataclass
@@ -69,7 +62,7 @@ def test_protocols_are_structural():
     assert isinstance(student, StudentEncoder)
     assert isinstance(student.encode(["ab"]), StudentHiddenStates)
     out = student(["ab", "一只猫"])
-    assert isinstance(out, StudentConditioning)
+    assert isinstance(out, Conditioning)
     assert out.prompt_embeds.shape == (2, 9, 32)
     assert not isinstance(object(), StudentEncoder)
 
@@ -96,9 +89,9 @@ def test_wrong_width_names_both_widths(sd1_teacher, sdxl_teacher):
 
 
 def test_conditioning_check_without_a_forward():
-    good = _Cond(torch.zeros(1, 3, 768), None, torch.ones(1, 3))
+    good = Conditioning(torch.zeros(1, 3, 768), None, torch.ones(1, 3))
     check_conditioning_fits(_Shape(768), good)
     with pytest.raises(ValueError, match="width 768 does not fit the teacher's cross_attention_dim 1024"):
         check_conditioning_fits(_Shape(1024), good)
     with pytest.raises(ValueError, match=r"\[B, L, D\]"):
-        check_conditioning_fits(_Shape(768), _Cond(torch.zeros(3, 768), None, torch.ones(1, 3)))
+        check_conditioning_fits(_Shape(768), Conditioning(torch.zeros(3, 768), None, torch.ones(1, 3)))

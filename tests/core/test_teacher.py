@@ -184,3 +184,37 @@ def test_bad_prompts_rejected(sd1_teacher):
         sd1_teacher.encode([])
     with pytest.raises(TypeError, match="strings"):
         sd1_teacher.encode(["a", 3])
+
+
+@pytest.mark.parametrize("fixture", ["sd1_teacher", "sdxl_teacher"])
+def test_denoise_is_the_unet_as_the_pipelines_call_it(request, fixture):
+    teacher = request.getfixturevalue(fixture)
+    prompts = ["a red circle on the left", "a cat wearing a hat"]
+    cond = teacher.encode(prompts)
+    g = torch.Generator().manual_seed(0)
+    side = teacher.resolution // teacher.vae_scale_factor
+    z = torch.randn(2, teacher.unet.config.in_channels, side, side, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = teacher.unet(
+            z, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=teacher.added_cond_kwargs(cond)
+        ).sample
+        assert torch.equal(teacher.denoise(z, t, cond), expected)
+        # A key padding mask reaches the cross-attention: hiding tokens changes the prediction.
+        mask = torch.ones(2, cond.prompt_embeds.shape[1], dtype=torch.long)
+        mask[:, 3:] = 0
+        assert not torch.allclose(teacher.denoise(z, t, cond, attention_mask=mask), expected)
+
+
+def test_pooled_is_sdxls_pooled_embedding_or_clips_final_eos_state(sd1_teacher, sdxl_teacher):
+    prompts = ["a red circle on the left", "a cat wearing a hat"]
+    cond = sdxl_teacher.encode(prompts)
+    assert torch.equal(sdxl_teacher.pooled(prompts, cond), cond.pooled_prompt_embeds)
+    assert torch.equal(sdxl_teacher.pooled(prompts), cond.pooled_prompt_embeds)
+    tokenizer, encoder = sd1_teacher.tokenizers[0], sd1_teacher.text_encoders[0]
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        expected = encoder(ids).pooler_output  # [B, 32]: the [EOS] state after the final LayerNorm
+    assert torch.equal(sd1_teacher.pooled(prompts), expected)

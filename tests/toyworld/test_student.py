@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from xling.train.config import TOY_STUDENTS
+from xling.train.toyworld import TOY_STUDENTS
 from xling.train.toyworld import student as toy
 
 

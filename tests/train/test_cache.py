@@ -19,7 +19,7 @@ from xling.train.cache import (
     module_fingerprint,
     tokenizer_fingerprint,
 )
-from xling.train.data import ParallelCorpus, collate, load_corpus
+from xling.train.data import ParallelCorpus, collate_rows, load_corpus
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,10 @@ def test_text_cache_hit_extend_invalidation_corruption_and_dataset(tmp_path: Pat
     latents = LatentCache.load_or_build(tmp_path / "lat", corpus, sd1)
     text = TextEmbeddingCache.load_or_build(folder, captions, sd1)
     dataset = CachedDataset(corpus, latents=latents, text=text)
-    batch = collate([dataset[0], dataset[4]])
-    assert "image" not in batch
-    assert batch["latents"].shape == (2, 4, 16, 16) and batch["prompt_embeds"].shape == (2, 77, 32)
-    torch.testing.assert_close(batch["prompt_embeds"][1], text["a shape number 1"]["prompt_embeds"])
+    batch = collate_rows([(0, dataset[0]), (4, dataset[4])])
+    assert batch.pixels is None  # the cached rows carry latents instead of images
+    assert batch.latents.shape == (2, 4, 16, 16) and batch.extra["prompt_embeds"].shape == (2, 77, 32)
+    torch.testing.assert_close(batch.extra["prompt_embeds"][1], text["a shape number 1"]["prompt_embeds"])
     with pytest.raises(ValueError, match="not in the teacher-embedding cache"):
         CachedDataset(corpus, text=TextEmbeddingCache.load_or_build(tmp_path / "other", ["x"], sd1))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xling.train import bench
 from xling.train.cli import main
-from xling.train.commands import bench
 
 
 @pytest.fixture(scope="module")

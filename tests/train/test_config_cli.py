@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from xling.train.cli import main
-from xling.train.config import RECIPES, config_class, default_config_path, flat_dict, iter_fields, load_config
-from xling.train.recipes import recipe_module
+from xling.train.config import choices, default_config_path, flat_dict, iter_fields, load_config, shipped_yaml
+from xling.train.recipes import RECIPES, get_recipe
 
 PAPER = {
     ("iap", "lr"): 5e-5,
     ("pea", "lr"): 1e-5,
     ("pea", "feature_weight"): 0.1,
     ("mtn", "lr"): 1e-4,
+    ("mtn", "num_blocks"): None,  # the translator default: GlueNet's 5 blocks
     ("align", "lora_r"): 16,
     ("align", "lora_alpha"): 64,
     ("align", "unfreeze_layers"): 3,
@@ -24,25 +25,41 @@ PAPER = {
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_shipped_yaml_sets_every_key_and_loads(recipe):
-    import yaml
-
+def test_shipped_yaml_holds_only_what_differs_from_the_dataclass(recipe):
     path = default_config_path(recipe)
-    raw = yaml.safe_load(path.read_text())
     assert path.read_text().startswith("#"), "the YAML must open with a comment naming its source"
+    cls = get_recipe(recipe).config_class
+    fields = {k: f for k, f, _ in iter_fields(cls)}
+    defaults = flat_dict(cls())
+    paper, toy = shipped_yaml(recipe)
+    assert set(toy) >= {"lr", "max_steps", "batch_size"}
+    for key in {*paper, *toy}:
+        assert key in fields, f"{path.name}: {key!r} is not an option of {cls.__name__}"
+    for key, value in paper.items():
+        # The dataclass is the one home of every default: the YAML repeats none of them.
+        assert value != defaults[key], f"{path.name}: {key}: {value!r} repeats the dataclass default"
     cfg = load_config(recipe)
     assert cfg.recipe == recipe and cfg.teacher == "toy" and cfg.data.path == "toy"
+    assert cfg.output_dir == f"runs/{recipe}"
     # PEA starts from a CLIP-aligned encoder, as its paper does; every other recipe from the MLM student.
     assert cfg.student == ("toy-aligned" if recipe == "pea" else "toy")
     # The toy section is a CPU-sized run (10 minutes at most): image recipes run the UNet every step, text-only
     # ones are ~5x cheaper.
-    assert cfg.max_steps <= (300 if recipe_module(recipe).NEEDS_IMAGES else 1500)
-    flat = {k for k, _, _ in iter_fields(config_class(recipe))}
-    assert set(raw.pop("toy")) >= {"lr", "max_steps", "batch_size"}
-    written = set()
-    for k, v in raw.items():
-        written |= {f"{k}.{kk}" for kk in v} if isinstance(v, dict) else {k}
-    assert written == flat, f"missing {sorted(flat - written)}, unknown {sorted(written - flat)}"
+    assert cfg.max_steps <= (300 if get_recipe(recipe).needs_images else 1500)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_option_has_help_and_choices_come_from_literals(recipe):
+    import typing
+
+    cls = get_recipe(recipe).config_class
+    for key, f, tp in iter_fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{key} has no help text"
+        allowed = choices(tp)
+        if allowed is not None:
+            assert typing.get_origin(tp) is typing.Literal
+            with pytest.raises(ValueError, match=f"'{key}' must be one of"):
+                load_config(recipe, overrides={key: "no-such-choice"})
 
 
 def test_paper_defaults_and_the_toy_section():
@@ -50,6 +67,7 @@ def test_paper_defaults_and_the_toy_section():
         assert flat_dict(load_config(recipe, {"teacher": "org/real-model"}))[key] == value, (recipe, key)
     real, toy = load_config("iap", {"teacher": "org/real-model"}), load_config("iap")
     assert (real.max_steps, toy.max_steps) == (20000, 300) and toy.lr != real.lr
+    assert load_config("mtn").num_blocks == 2  # a translator sized for the toy teacher
     # What the caller sets wins over the toy section, whichever way it is set.
     assert load_config("iap", overrides=["--lr", "1e-4"]).lr == 1e-4
     assert load_config("iap", {"max_steps": 7}).max_steps == 7
@@ -90,7 +108,7 @@ def test_train_recipe_help_lists_every_option(recipe, capsys):
         main(["train", recipe, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for key, _, _ in iter_fields(config_class(recipe)):
+    for key, _, _ in iter_fields(get_recipe(recipe).config_class):
         if key != "recipe":
             assert f"--{key}" in out, key
 

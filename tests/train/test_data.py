@@ -1,4 +1,5 @@
-"""xling.train.data: readers, images, bad-row policy, collate, seeded resumable order, tar shards."""
+"""xling.train.data: readers, images, bad-row policy, the rows of a run, the batch and its collate, the
+seeded resumable DataLoaders, tar shards."""
 
 from __future__ import annotations
 
@@ -7,23 +8,27 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from xling.train.config import load_config
 from xling.train.data import (
     BadRowReport,
+    Batch,
     ColumnMap,
     DataError,
+    EpochBatchSampler,
     ImageTransform,
     ParallelCorpus,
-    SeededSampler,
     TarShardCorpus,
-    collate,
+    collate_rows,
     expand_braces,
     load_corpus,
+    load_rows,
     make_dataloader,
 )
 from xling.train.data.errors import BadRow
@@ -181,19 +186,40 @@ def test_image_transform_resize_crop_and_validation() -> None:
         ImageTransform(8, crop="left")  # type: ignore[arg-type]
 
 
-def test_collate_and_shapes(tmp_path: Path, image_dir: Path) -> None:
+def test_collate_rows_and_shapes(tmp_path: Path, image_dir: Path) -> None:
     lines = [json.dumps({"en": en, "zh": zh, "image": f"img/{i}.png"}) for i, (en, zh) in enumerate(PAIRS)]
     corpus = load_corpus(_jsonl(tmp_path / "d.jsonl", lines), resolution=8)
-    batch = collate([corpus[0], corpus[2]])
-    assert batch["image"].shape == (2, 3, 8, 8)
-    assert batch["index"].tolist() == [0, 2] and batch["culture_only"].dtype == torch.bool
-    assert batch["original_size"].shape == (2, 2) and batch["en"] == ["a red circle", "a green triangle"]
-    toy = collate([{"en": "a", "zh": "甲"}, {"en": "b", "zh": "乙"}])
-    assert toy["target"] == ["甲", "乙"]
-    with pytest.raises(ValueError, match="shapes"):
-        collate([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}])
-    with pytest.raises(ValueError, match="keys"):
-        collate([{"x": 1}, {"y": 1}])
+    batch = collate_rows([(0, corpus[0]), (2, corpus[2])])
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert (
+        batch.pixels is not None
+        and batch.pixels.shape == (2, 3, 8, 8)
+        and batch.pixels.dtype == torch.float32
+    )
+    assert batch.index.tolist() == [0, 2] and batch.index.dtype == torch.long
+    assert batch.culture is not None and batch.culture.tolist() == [False, False]
+    assert batch.en == ["a red circle", "a green triangle"] and batch.zh == ["红色圆形", "绿色三角形"]
+    assert batch.latents is None and batch.extra == {}
+    assert batch.to("cpu") is not batch and torch.equal(batch.to("cpu").pixels, batch.pixels)
+
+    # Toy-world rows (zh), cached latents and teacher embeddings; no image in one row: no pixels.
+    rows = [
+        {"en": "a", "zh": "甲", "latents": torch.zeros(4, 2, 2), "prompt_embeds": torch.ones(77, 8)},
+        {
+            "zh": "乙",
+            "image": torch.zeros(3, 8, 8),
+            "latents": torch.ones(4, 2, 2),
+            "prompt_embeds": torch.ones(77, 8),
+        },
+    ]
+    toy = collate_rows(list(enumerate(rows)))
+    assert toy.zh == ["甲", "乙"] and toy.en == ["a", ""] and toy.pixels is None and toy.culture is None
+    assert toy.latents is not None and toy.latents.shape == (2, 4, 2, 2)
+    assert toy.extra["prompt_embeds"].shape == (2, 77, 8) and "pooled_prompt_embeds" not in toy.extra
+    with pytest.raises(ValueError, match="target caption"):
+        collate_rows([(0, {"en": "a"})])
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_rows([])
 
 
 def _text_corpus(tmp_path: Path, n: int = 10) -> ParallelCorpus:
@@ -203,32 +229,72 @@ def _text_corpus(tmp_path: Path, n: int = 10) -> ParallelCorpus:
     return corpus
 
 
-def test_seeded_order_is_deterministic_and_resumable(tmp_path: Path) -> None:
+def _epoch(loader: torch.utils.data.DataLoader, epoch: int) -> list[list[int]]:
+    loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    return [batch.index.tolist() for batch in loader]
+
+
+def test_dataloader_order_is_seeded_per_epoch_and_sharded(tmp_path: Path) -> None:
     corpus = _text_corpus(tmp_path)
+    loader = make_dataloader(corpus, batch_size=3, seed=0)
+    assert isinstance(loader.batch_sampler, EpochBatchSampler) and len(loader) == 3  # 10 rows: last 1 dropped
+    first = _epoch(loader, 0)
+    assert first == _epoch(make_dataloader(corpus, batch_size=3, seed=0), 0)
+    # Epoch e is randperm(n, seed + e), cut into batches; the rows' index is the dataset row.
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert first == [order[0:3], order[3:6], order[6:9]]
+    assert first != _epoch(loader, 1) and first != _epoch(make_dataloader(corpus, batch_size=3, seed=1), 0)
+    batch = next(iter(loader))
+    assert batch.zh == [f"标题 {i}" for i in batch.index.tolist()]
 
-    def epoch_order(seed: int, epoch: int) -> list[int]:
-        loader = make_dataloader(corpus, batch_size=3, seed=seed)
-        loader.sampler.set_epoch(epoch)
-        return [i for batch in loader for i in batch["index"].tolist()]
+    # Two processes split every global batch: together they see what one process sees.
+    one = _epoch(make_dataloader(corpus, batch_size=4, seed=3), 2)
+    two = [_epoch(make_dataloader(corpus, batch_size=2, seed=3, num_replicas=2, rank=r), 2) for r in range(2)]
+    assert [a + b for a, b in zip(*two)] == one and len(one) == 2
+    # Validation: dataset order, every epoch the same.
+    assert _epoch(make_dataloader(corpus, batch_size=5, seed=0, shuffle=False), 7) == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+    ]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        make_dataloader(corpus, batch_size=6, seed=0, num_replicas=2)
 
-    assert epoch_order(0, 0) == epoch_order(0, 0)
-    assert sorted(epoch_order(0, 0)) == list(range(10))
-    assert epoch_order(0, 0) != epoch_order(0, 1) and epoch_order(0, 0) != epoch_order(1, 0)
 
-    # Resume mid-epoch through accelerate: prepare, set the epoch, skip the consumed batches.
+def test_dataloader_resumes_and_leaves_the_global_rng(tmp_path: Path) -> None:
+    # Resume mid-epoch as the loop does: a fresh loader, set the epoch, skip the consumed batches.
     from accelerate import Accelerator
 
+    corpus = _text_corpus(tmp_path, n=13)
     accelerator = Accelerator(cpu=True)
-    full = accelerator.prepare(make_dataloader(corpus, batch_size=3, seed=5))
-    full.set_epoch(2)
-    uninterrupted = [batch["index"].tolist() for batch in full]
-    resumed_loader = accelerator.prepare(make_dataloader(corpus, batch_size=3, seed=5))
-    resumed_loader.set_epoch(2)
-    resumed = [batch["index"].tolist() for batch in accelerator.skip_first_batches(resumed_loader, 2)]
-    assert resumed == uninterrupted[2:] and len(uninterrupted) == 4
-    sampler = SeededSampler(10, seed=5)
-    sampler.load_state_dict({"seed": 5, "epoch": 2})
-    assert [i for chunk in uninterrupted for i in chunk] == list(sampler)
+    uninterrupted = _epoch(make_dataloader(corpus, batch_size=3, seed=5), 2)
+    assert len(uninterrupted) == 4
+    resumed_loader = make_dataloader(corpus, batch_size=3, seed=5)
+    resumed_loader.batch_sampler.set_epoch(2)  # type: ignore[union-attr]
+    rng = torch.get_rng_state()
+    resumed = [batch.index.tolist() for batch in accelerator.skip_first_batches(resumed_loader, 2)]
+    assert resumed == uninterrupted[2:]
+    # The loader draws its worker seed from its own generator: dropout's RNG (restored on resume) stays put.
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_dataloader_worker_processes_give_the_same_batches(tmp_path: Path) -> None:
+    corpus = _text_corpus(tmp_path)
+    in_process = _epoch(make_dataloader(corpus, batch_size=3, seed=4), 1)
+    assert _epoch(make_dataloader(corpus, batch_size=3, seed=4, num_workers=2), 1) == in_process
+
+
+def test_load_rows_holds_out_validation_rows(tmp_path: Path) -> None:
+    corpus = _text_corpus(tmp_path, n=30)
+    config = load_config("align", {"data.path": corpus.paths[0], "data.val_samples": 5})
+    train_rows, val_rows = load_rows(config, resolution=None, with_images=False)
+    # min(val_samples, 10%) rows held out, from the start of the file.
+    assert len(val_rows) == 3 and len(train_rows) == 27
+    assert [row["en"] for row in val_rows] == ["caption 0", "caption 1", "caption 2"]
+    assert train_rows[0]["target"] == "标题 3"
+    toy_train, toy_val = load_rows(
+        load_config("align", {"data.val_samples": 4}), resolution=None, with_images=False
+    )
+    assert len(toy_val) == 4 and len(toy_train) > 0
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]], *, truncate: int | None = None) -> Path:
@@ -303,11 +369,52 @@ def test_tar_shards_stream_bad_samples_and_workers(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"shard-000000\.tar:0003: missing column"):
         list(TarShardCorpus(pattern, resolution=8, on_bad_row="fail"))
 
-    # Two workers split the shards; every good sample still arrives exactly once.
+    # Two workers split the shards; every good sample still arrives exactly once, numbered -1 (the loop
+    # numbers streamed rows by position).
     text_only = TarShardCorpus(pattern, with_images=False)
-    loader = make_dataloader(text_only, batch_size=1, num_workers=2)
-    keys = sorted(key for batch in loader for key in batch["key"])
-    assert keys == sorted(item["key"] for item in TarShardCorpus(pattern, with_images=False))
+    loader = make_dataloader(text_only, batch_size=1, seed=0, num_workers=2)
+    batches = list(loader)
+    assert all(batch.index.tolist() == [-1] for batch in batches)
+    assert sorted(zh for batch in batches for zh in batch.zh) == sorted(
+        item["target"] for item in TarShardCorpus(pattern, with_images=False)
+    )
+
+
+def test_streamed_dataloader_drops_the_incomplete_batch(tmp_path: Path) -> None:
+    members = [(f"{i:04d}.{lang}.txt", f"{lang}{i}".encode()) for i in range(5) for lang in ("en", "zh")]
+    corpus = load_corpus(_tar(tmp_path / "five.tar", members))
+    assert isinstance(corpus, TarShardCorpus)
+    batches = list(make_dataloader(corpus, batch_size=2, seed=0))
+    assert [batch.zh for batch in batches] == [["zh0", "zh1"], ["zh2", "zh3"]]
+
+
+def test_one_rule_decides_tar_shards(tmp_path: Path) -> None:
+    members = [("0001.en.txt", b"a"), ("0001.zh.txt", "甲".encode())]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _tar(shards / "a.tar", members)
+    with tarfile.open(shards / "b.tar.gz", "w:gz") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    corpus = load_corpus(shards)
+    assert isinstance(corpus, TarShardCorpus) and len(corpus.shards) == 2
+    # A streamed corpus is split by process (the accelerator's index), and has no validation rows.
+    config = load_config("align", {"data.path": str(shards)})
+    accelerator = SimpleNamespace(process_index=1, num_processes=2)
+    train_rows, val_rows = load_rows(config, resolution=None, with_images=False, accelerator=accelerator)
+    assert isinstance(train_rows, TarShardCorpus) and val_rows is None
+    assert (train_rows.rank, train_rows.world_size) == (1, 2)
+    # A folder with a table file reads the tables (and a table corpus is not split by process).
+    _jsonl(shards / "pairs.csv", ["en,zh", "b,乙"])
+    train_rows, val_rows = load_rows(config, resolution=None, with_images=False, accelerator=accelerator)
+    assert isinstance(train_rows.dataset, ParallelCorpus) and len(train_rows) + len(val_rows) == 1
+    with pytest.raises(ValueError, match="cannot mix"):
+        load_corpus([shards / "a.tar", shards / "pairs.csv"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no corpus files"):
+        load_corpus(tmp_path / "empty")
 
 
 def test_tar_truncated_shard_and_shuffle_is_seeded(tmp_path: Path) -> None:

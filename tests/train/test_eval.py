@@ -1,4 +1,4 @@
-"""Evaluation metrics on hand-made cases: identical conditioning agrees perfectly, different does not."""
+"""Evaluation on hand-made cases: identical conditioning agrees perfectly, different does not."""
 
 from __future__ import annotations
 
@@ -116,6 +116,44 @@ def test_attention_alignment_zero_for_identical(pipe) -> None:
     assert ev.attention_alignment(pipe, other, cond, images, timesteps=(500,)) > 1e-8
 
 
+def test_attention_alignment_sdxl_uses_pooled_conditions(tiny_sdxl_path: Path) -> None:
+    from xling.core import Teacher
+
+    pipe = ev.load_pipeline(tiny_sdxl_path)
+    cond, _ = ev.teacher_conditioning(pipe, EN)
+    assert cond.pooled_prompt_embeds is not None
+    teacher = Teacher.from_pipeline(pipe)
+    images = torch.rand(
+        2, 3, teacher.resolution, teacher.resolution, generator=torch.Generator().manual_seed(0)
+    )
+    images = images * 2 - 1
+    assert ev.attention_alignment(teacher, cond, cond, images, timesteps=(500,)) == pytest.approx(
+        0.0, abs=1e-10
+    )
+    other, _ = ev.teacher_conditioning(pipe, list(reversed(EN)))
+    # A pipeline and the Teacher wrapping it are the same model.
+    assert ev.attention_alignment(pipe, other, cond, images, timesteps=(500,)) == ev.attention_alignment(
+        teacher, other, cond, images, timesteps=(500,)
+    )
+    with pytest.raises(ValueError, match="share B"):
+        ev.attention_alignment(teacher, cond, cond, images[:1])
+
+
+def test_reference_cache_samples_the_teacher_once(pipe) -> None:
+    from xling.train.evaluation.pairs import compare
+
+    student = MirrorStudent(pipe, dict(zip(ZH, EN)), noise=1.0)
+    cache: dict = {}
+    kwargs = dict(
+        seeds=(0, 1), num_inference_steps=2, guidance_scale=3.0, batch_size=8, reference_cache=cache
+    )
+    first = compare(pipe, student, EN, ZH, **kwargs)
+    assert first.rows == [0, 0, 1, 1] and first.seeds == [0, 1, 0, 1] and len(cache) == 1
+    again = compare(pipe, student, EN, ZH, **kwargs)
+    assert again.teacher_samples is first.teacher_samples and len(cache) == 1
+    assert again.agreement == first.agreement and first.agreement["latent_mse"] > 0
+
+
 def test_evaluate_pairs_perfect_student_agrees_exactly(pipe, tmp_path: Path) -> None:
     student = MirrorStudent(pipe, dict(zip(ZH, EN)))
     result = ev.evaluate_pairs(student, pipe, EN, ZH, seeds=(0, 1), num_inference_steps=2, num_examples=2)
@@ -156,3 +194,40 @@ def test_student_conditioning_pads_negative_to_prompt_length(pipe, tiny_bert_pat
     assert encoder.training  # restored
     out = ev.sample(pipe, cond, uncond, [0, 0], num_inference_steps=2)
     assert out.images.shape == (2, 32, 32, 3)
+
+
+def test_format_percent() -> None:
+    assert ev.format_percent(0.875) == "87.5%"
+    assert ev.format_percent(1.0) == "100.0%"
+    assert ev.format_percent(None) == "n/a"
+    assert ev.format_percent(float("nan")) == "n/a"
+
+
+def test_read_prompt_pairs(tmp_path: Path) -> None:
+    good = tmp_path / "pairs.jsonl"
+    good.write_text('{"en": "a red circle", "zh": "红色的圆形"}\n\n{"en": "a square", "zh": "正方形"}\n')
+    assert ev.read_prompt_pairs(good) == (["a red circle", "a square"], ["红色的圆形", "正方形"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"en": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
+        ev.read_prompt_pairs(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompt pairs"):
+        ev.read_prompt_pairs(empty)
+
+
+def test_write_images_names_scales_and_indexes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    images[1] = 255
+    samples = ev.Samples(torch.zeros(3, 4, 1, 1), images)
+    paths = ev.write_images(
+        samples, ["一", "二"], [0, 0, 1], [0, 7, 0], tmp_path, scale=2, settings={"teacher": "toy"}
+    )
+    assert [p.name for p in paths] == ["000-seed0.png", "000-seed7.png", "001-seed0.png"]
+    assert Image.open(paths[1]).size == (8, 8) and np.asarray(Image.open(paths[1])).min() == 255
+    index = json.loads((tmp_path / "images.json").read_text(encoding="utf-8"))
+    assert index["teacher"] == "toy"
+    assert index["images"][2] == {"file": "001-seed0.png", "prompt": "二", "seed": 0}

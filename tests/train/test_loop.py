@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import xling.losses
 from xling.train.checkpoint import TrainerState, list_checkpoints, resolve_resume
 from xling.train.config import load_config
 from xling.train.loop import EpochBatchSampler, NonFiniteTrainingError, build_lr_scheduler, train
-from xling.train.recipes import recipe_module, run_recipe
+from xling.train.recipes import distill, get_recipe, run_recipe
 
 
 def test_sampler_global_batch_is_independent_of_process_count():
@@ -76,7 +75,7 @@ def _interrupted_after(steps: int, name: str, config: dict, **kwargs) -> list[fl
     """Run ``name`` with ``config`` and kill it (an exception from the step callback) after ``steps`` updates."""
     losses: list[float] = []
 
-    def on_step(step: int, logs: dict[str, float]) -> None:
+    def on_step(step: int, logs: dict[str, float], _module: object) -> None:
         losses.append(logs["train/total"])
         if step == steps:
             raise _Interrupt
@@ -107,16 +106,16 @@ def test_checkpoints_rotate_and_resolve(recipe_config, recipe_rows, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(monkeypatch, recipe_config, recipe_rows, tmp_path):
     out = tmp_path / "nan"
     calls = {"n": 0}
-    real = xling.losses.pooled_kd
+    real = distill.pooled_kd
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(xling.losses, "pooled_kd", poisoned)
+    monkeypatch.setattr(distill, "pooled_kd", poisoned)
     cfg = load_config("distill", recipe_config(max_steps=5, checkpoint_every=2, output_dir=str(out)))
-    step = recipe_module("distill").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    step = get_recipe("distill").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(NonFiniteTrainingError, match=r"step 3 .*pooled") as info:
         train(step, cfg, recipe_rows)
     assert info.value.step == 3 and info.value.terms == ["pooled"]
@@ -125,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(monkeypatch, recipe_con
     assert (info.value.checkpoint / "model.safetensors").is_file()
     assert not (out / "adapter").exists()  # no half-trained adapter is written
     # ... and the run resumes from it once the cause is gone.
-    monkeypatch.setattr(xling.losses, "pooled_kd", real)
+    monkeypatch.setattr(distill, "pooled_kd", real)
     resumed = run_recipe(
         "distill",
         {**recipe_config(max_steps=5, output_dir=str(out)), "resume": "latest"},
@@ -197,7 +196,7 @@ def test_mixed_precision_keeps_trainable_fp32(recipe_config, recipe_rows, tmp_pa
         from xling.train.loop import make_accelerator
 
         accelerator = make_accelerator(cfg)
-        step = recipe_module("pea").build(cfg, device=accelerator.device, dtype=torch.bfloat16)
+        step = get_recipe("pea").build(cfg, device=accelerator.device, dtype=torch.bfloat16)
         result = train(step, cfg, recipe_rows, accelerator=accelerator)
         assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.losses)))
         assert step.frozen["teacher"].unet.dtype == torch.bfloat16

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from xling.train.config import load_config
 from xling.train.loop import train
-from xling.train.recipes import recipe_module
+from xling.train.recipes import get_recipe
 
 TEXT_ONLY = {"mtn", "align", "distill"}
 
@@ -27,7 +27,7 @@ def _snapshot(step) -> dict[str, torch.Tensor]:
 
 def _build_and_train(name: str, config: dict, rows):
     cfg = load_config(name, config)
-    step = recipe_module(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    step = get_recipe(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
     trainable = {n for n, p in step.named_parameters() if p.requires_grad}
     # The teacher UNet is registered (as step.unet) only when it trains; frozen, it must be invisible.
     teacher_params = {id(p) for p in step.frozen["teacher"].unet.parameters()}
@@ -99,7 +99,7 @@ def test_denoise_trains_the_unet_part(part, recipe_config, recipe_rows):
 def test_pea_hybrid_uses_denoising_for_culture_rows(recipe_config, recipe_rows):
     rows = [dict(r, culture=(i % 2 == 0)) for i, r in enumerate(recipe_rows)]
     cfg = load_config("pea", recipe_config(hybrid=True, max_steps=1))
-    step = recipe_module("pea").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    step = get_recipe("pea").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
     result = train(step, cfg, rows)
     assert {"train/feature", "train/output", "train/denoise"} <= set(result.logs[0])
 
@@ -110,8 +110,8 @@ def test_text_recipes_need_no_images(recipe_config):
     rows = make_rows(8, images=False)
     for name in sorted(TEXT_ONLY):
         cfg = load_config(name, recipe_config(max_steps=1))
-        assert recipe_module(name).NEEDS_IMAGES is False
-        step = recipe_module(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+        assert get_recipe(name).needs_images is False
+        step = get_recipe(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
         assert train(step, cfg, rows).steps == 1
 
 
@@ -119,7 +119,7 @@ def test_image_recipe_without_images_says_so(recipe_config):
     from tests.train.conftest import make_rows
 
     cfg = load_config("iap", recipe_config(max_steps=1))
-    step = recipe_module("iap").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    step = get_recipe("iap").build(cfg, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(ValueError, match="needs images"):
         train(step, cfg, make_rows(8, images=False))
 
@@ -176,7 +176,7 @@ def test_sdxl_and_sd2_teachers(teacher, student, name, pooled_term, request, tmp
 
     config = tiny_config(request.getfixturevalue(teacher), request.getfixturevalue(student), tmp_path / "run")
     cfg = load_config(name, config)
-    step = recipe_module(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    step = get_recipe(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
     result = train(step, cfg, make_rows(8))
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert ("train/pooled" in result.logs[-1]) == pooled_term

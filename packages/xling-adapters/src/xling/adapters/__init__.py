@@ -13,7 +13,7 @@ from xling.adapters.config import (
     MLPAdapterConfig,
     config_from_dict,
 )
-from xling.adapters.encoder import EncoderOutput, LanguageEncoder, LanguageEncoderConfig, StudentOutput
+from xling.adapters.encoder import Conditioning, LanguageEncoder, LanguageEncoderConfig, StudentHiddenStates
 from xling.adapters.head import AdapterHead, HeadOutput
 from xling.adapters.io import WidthMismatchError, check_widths, load_head
 from xling.adapters.linear import LinearHead
@@ -25,7 +25,7 @@ from xling.adapters.pipeline import XlingPipeline, attach, pipeline_widths
 __all__ = [
     "FORMAT_VERSION",
     "AdapterHead",
-    "EncoderOutput",
+    "Conditioning",
     "HeadConfig",
     "HeadOutput",
     "LanguageEncoder",
@@ -37,7 +37,7 @@ __all__ = [
     "MLPAdapterConfig",
     "MixerTranslator",
     "MixerTranslatorConfig",
-    "StudentOutput",
+    "StudentHiddenStates",
     "WidthMismatchError",
     "XlingPipeline",
     "apply_lora",

@@ -56,8 +56,8 @@ def _require_transformers() -> Any:
 
 
 @dataclass
-class StudentOutput:
-    """What :meth:`LanguageEncoder.encode` returns.
+class StudentHiddenStates:
+    """The student encoder's own output, before the head (what :meth:`LanguageEncoder.encode` returns).
 
     Attributes:
         hidden_states: ``[B, C * W, d]`` student hidden states, ``C`` windows of ``W`` tokens.
@@ -73,8 +73,10 @@ class StudentOutput:
 
 
 @dataclass
-class EncoderOutput:
-    """What calling a :class:`LanguageEncoder` returns.
+class Conditioning:
+    """Teacher-shaped text conditioning, what calling a :class:`LanguageEncoder` returns.
+
+    ``xling.core.Conditioning`` (the teacher's) has the same fields; the two packages may not import each other.
 
     Attributes:
         prompt_embeds: ``[B, C * L', D]`` teacher-width embeddings (``L'`` tokens per window from the head).
@@ -280,11 +282,11 @@ class LanguageEncoder(nn.Module):
             pooled = masked_mean(hidden, flat_mask)
         return hidden, flat_mask, chunk_valid.to(device), pooled
 
-    def encode(self, prompts: str | Sequence[str]) -> StudentOutput:
+    def encode(self, prompts: str | Sequence[str]) -> StudentHiddenStates:
         """Student hidden states of ``prompts``.
 
         Returns:
-            :class:`StudentOutput`: ``hidden_states [B, C*W, d]``, ``attention_mask [B, C*W]``,
+            :class:`StudentHiddenStates`: ``hidden_states [B, C*W, d]``, ``attention_mask [B, C*W]``,
             ``pooled [B, d]``, ``num_chunks C``.
         """
         hidden, mask, valid, pooled = self._run_student(prompts)
@@ -295,15 +297,15 @@ class LanguageEncoder(nn.Module):
             pooled_out = masked_mean(hidden.reshape(b, c * w, -1), mask)
         else:
             pooled_out = pooled.view(b, c, -1)[:, 0]
-        return StudentOutput(
+        return StudentHiddenStates(
             hidden_states=hidden.reshape(b, c * w, -1), attention_mask=mask, pooled=pooled_out, num_chunks=c
         )
 
-    def forward(self, prompts: str | Sequence[str]) -> EncoderOutput:
+    def forward(self, prompts: str | Sequence[str]) -> Conditioning:
         """Teacher-shaped embeddings of ``prompts`` (the head applied window by window).
 
         Returns:
-            :class:`EncoderOutput`: ``prompt_embeds [B, C*L', D]``, ``pooled_prompt_embeds [B, P]`` or
+            :class:`Conditioning`: ``prompt_embeds [B, C*L', D]``, ``pooled_prompt_embeds [B, P]`` or
             ``None`` (from the first window), ``attention_mask [B, C*L']``.
         """
         hidden, mask, valid, pooled = self._run_student(prompts)
@@ -317,7 +319,7 @@ class LanguageEncoder(nn.Module):
         pooled_out = out.pooled_prompt_embeds
         if pooled_out is not None:
             pooled_out = pooled_out.view(b, c, -1)[:, 0]
-        return EncoderOutput(
+        return Conditioning(
             prompt_embeds=embeds.reshape(b, c * n, -1),
             pooled_prompt_embeds=pooled_out,
             attention_mask=out_mask,
@@ -385,6 +387,31 @@ class LanguageEncoder(nn.Module):
         encoder = cls(tokenizer, model, head, config)
         return encoder.to(device) if device is not None else encoder
 
+    def set_trainable(self, backbone: bool) -> None:
+        """Choose what trains: the head always; the student's own weights too when ``backbone``.
+
+        Training the backbone is recorded in ``config.student_weights`` (``"unfrozen"``), which is how
+        :meth:`save_pretrained` knows that the student's weights must be written; freezing it again keeps that
+        record, since the weights may already differ from the base student's. A LoRA student keeps ``"lora"``
+        with only its LoRA weights trainable.
+
+        The student's own pooler (BERT/XLM-R ``pooler.dense``) stays frozen: the head pools from the hidden
+        states, so the pooler never gets a gradient, and a trainable parameter without one stalls DDP's reduction.
+
+        Raises:
+            ValueError: ``backbone`` on a LoRA student (train its LoRA weights, or build it without LoRA).
+        """
+        lora = self.config.student_weights == "lora"
+        if backbone and lora:
+            raise ValueError(
+                "a LoRA student trains its LoRA weights only; build it without `lora` to train it all"
+            )
+        for name, p in self.student.named_parameters():
+            p.requires_grad_((backbone and ".pooler." not in f".{name}") or (lora and "lora_" in name))
+        self.head.requires_grad_(True)
+        if backbone:
+            self.config.student_weights = "unfrozen"
+
     def save_pretrained(self, directory: str | os.PathLike[str], *, include_student: bool = False) -> Path:
         """Write a self-contained adapter directory.
 
@@ -404,7 +431,12 @@ class LanguageEncoder(nn.Module):
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         mode = self.config.student_weights
         base = _base_model(self.student)
-        trained = any(p.requires_grad for p in base.parameters()) and mode == "frozen"
+        if mode == "frozen" and any(p.requires_grad for p in base.parameters()):
+            # Saved as frozen, the trained weights would be replaced by the base student's on load.
+            raise ValueError(
+                "the student has trainable weights but its config says 'frozen'; call "
+                "set_trainable(backbone=True) before training it so that saving writes its weights"
+            )
         layout: dict[str, str | None] = {
             "head": "head",
             "tokenizer": "tokenizer",
@@ -418,12 +450,10 @@ class LanguageEncoder(nn.Module):
                 # the base weights alone, so the peft adapter is applied once on load
                 _save_plain(base, directory / "student")
                 layout["student"] = "student"
-        elif mode == "unfrozen" or trained or include_student:
+        elif mode == "unfrozen" or include_student:
             base.save_pretrained(str(directory / "student"), safe_serialization=True)
             layout["student"] = "student"
-            if trained:
-                mode = "unfrozen"
-        encoder_cfg = {**dataclasses.asdict(self.config), "student_weights": mode}
+        encoder_cfg = dataclasses.asdict(self.config)
         payload = {
             "format": ENCODER_FORMAT,
             "format_version": FORMAT_VERSION,

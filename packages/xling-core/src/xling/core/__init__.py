@@ -1,5 +1,6 @@
 """The frozen diffusers teacher, the student-encoder protocol and UNet taps for cross-lingual distillation."""
 
+from xling.core.conditioning import Conditioning
 from xling.core.features import FeatureTap, pea_blocks
 from xling.core.pivot import (
     AttentionFn,
@@ -10,26 +11,24 @@ from xling.core.pivot import (
     dual_attention_sdpa,
 )
 from xling.core.student import (
-    StudentConditioning,
     StudentEncoder,
     StudentHiddenStates,
     TeacherShape,
     check_conditioning_fits,
     check_student_fits,
 )
-from xling.core.teacher import Family, Teacher, TeacherConditioning, detect_family, missing_components
+from xling.core.teacher import Family, Teacher, detect_family, missing_components
 
 __all__ = [
     "AttentionFn",
+    "Conditioning",
     "Family",
     "FeatureTap",
     "PivotAttnProcessor",
     "PivotTap",
-    "StudentConditioning",
     "StudentEncoder",
     "StudentHiddenStates",
     "Teacher",
-    "TeacherConditioning",
     "TeacherShape",
     "check_conditioning_fits",
     "check_student_fits",

@@ -24,13 +24,22 @@ from torch import Tensor, nn
 AttentionFn = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _key_padding_bias(mask2: Tensor | None, q: Tensor, k2: Tensor) -> Tensor | None:
-    """``mask2 [B, M2]`` (True = attend) -> boolean SDPA mask ``[B, 1, 1, M2]``."""
-    if mask2 is None:
-        return None
-    if mask2.shape != (k2.shape[0], k2.shape[2]):
-        raise ValueError(f"`mask2` must be [B, M2] = {(k2.shape[0], k2.shape[2])}, got {tuple(mask2.shape)}")
-    return mask2.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """SDPA with a key padding mask ``[B, M]`` (True = attend) -> ``[B, H, N, d]``.
+
+    A fully masked row has no key to attend to; softmax over an empty set is undefined (NaN on some SDPA
+    backends), so its output is defined as 0 with zero gradient, the rule the xling-kernels kernels follow.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if mask.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"`mask2` must be [B, M2] = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}")
+    mask = mask.to(device=q.device, dtype=torch.bool)
+    has_key = mask.any(dim=1)  # [B]
+    # Empty rows attend everywhere (finite forward and backward), then are zeroed: grad through 0 is 0.
+    attend = (mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, M]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)
+    return torch.where(has_key[:, None, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
 
 
 def dual_attention_sdpa(
@@ -52,7 +61,8 @@ def dual_attention_sdpa(
         q: ``[B, H, N, d]`` queries.
         k1, v1: ``[B, H, M1, d]`` teacher keys/values.
         k2, v2: ``[B, H, M2, d]`` student keys/values.
-        mask2: ``[B, M2]`` bool key padding mask of the student (True = attend), or ``None``.
+        mask2: ``[B, M2]`` bool key padding mask of the student (True = attend), or ``None``; a fully
+            masked row gives ``o2 = 0`` with zero gradient.
         scale: softmax scale; ``None`` = SDPA's default ``1 / sqrt(d)`` (what diffusers' ``AttnProcessor2_0`` uses).
 
     Returns:
@@ -60,7 +70,7 @@ def dual_attention_sdpa(
     """
     with torch.no_grad():
         o1 = F.scaled_dot_product_attention(q, k1, v1, scale=scale)
-    o2 = F.scaled_dot_product_attention(q, k2, v2, attn_mask=_key_padding_bias(mask2, q, k2), scale=scale)
+    o2 = _masked_sdpa(q, k2, v2, mask2, scale)
     return o1, o2
 
 
@@ -216,8 +226,7 @@ class PivotAttnProcessor:
                 # A teacher key mask is outside the dual-attention contract: run the two branches separately.
                 with torch.no_grad():
                     o1 = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-                mask = _key_padding_bias(student_mask, query, key2)
-                second = F.scaled_dot_product_attention(query, key2, value2, attn_mask=mask)
+                second = _masked_sdpa(query, key2, value2, student_mask, None)
                 if self.tap.fused:
                     second = (o1.float() - second.float()).pow(2).mean()
         o1 = o1.detach()

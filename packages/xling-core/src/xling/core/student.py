@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from xling.core.conditioning import Conditioning
+
 
 @runtime_checkable
 class StudentHiddenStates(Protocol):
@@ -29,21 +31,6 @@ class StudentHiddenStates(Protocol):
 
 
 @runtime_checkable
-class StudentConditioning(Protocol):
-    """Teacher-shaped conditioning the student produces after its head.
-
-    Attributes:
-        prompt_embeds: ``[B, L, D]``, ``D`` the teacher UNet's ``cross_attention_dim``.
-        pooled_prompt_embeds: ``[B, P]`` for SDXL teachers, else ``None``.
-        attention_mask: ``[B, L]`` key padding mask of ``prompt_embeds`` (True / 1 = attend).
-    """
-
-    prompt_embeds: Tensor
-    pooled_prompt_embeds: Tensor | None
-    attention_mask: Tensor
-
-
-@runtime_checkable
 class StudentEncoder(Protocol):
     """A student text path: tokenizer + encoder (+ LoRA) + head, prompts in, teacher-shaped conditioning out.
 
@@ -57,8 +44,9 @@ class StudentEncoder(Protocol):
         """Encoder states of ``B`` prompts: ``hidden_states [B, L, d]``, ``attention_mask [B, L]``, ``pooled [B, d]``."""
         ...
 
-    def __call__(self, prompts: Sequence[str]) -> StudentConditioning:
-        """Conditioning of ``B`` prompts: ``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds [B, P] | None``, mask."""
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning of ``B`` prompts: ``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds [B, P] | None`` and
+        ``attention_mask [B, L]`` (an ``xling.adapters.Conditioning``: the same fields)."""
         ...
 
 
@@ -72,7 +60,7 @@ class TeacherShape(Protocol):
     def pooled_dim(self) -> int | None: ...
 
 
-def check_conditioning_fits(teacher: TeacherShape, conditioning: StudentConditioning) -> None:
+def check_conditioning_fits(teacher: TeacherShape, conditioning: Conditioning) -> None:
     """Raise when a student's conditioning cannot condition the teacher's UNet.
 
     Args:
@@ -107,7 +95,7 @@ def check_conditioning_fits(teacher: TeacherShape, conditioning: StudentConditio
 
 def check_student_fits(
     teacher: TeacherShape, student: StudentEncoder, *, probe: Sequence[str] = ("a",)
-) -> StudentConditioning:
+) -> Conditioning:
     """Run ``student`` once on ``probe`` (no grad) and check its output widths against ``teacher``.
 
     Call it when a recipe is built, so a mismatched head fails before any data is read.

@@ -11,33 +11,19 @@ import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from xling.core.conditioning import Conditioning
+
 Family = Literal["sd1", "sd2", "sdxl"]
 
 #: Components every family needs; SDXL adds the second tokenizer and text encoder.
 _REQUIRED: tuple[str, ...] = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 _REQUIRED_SDXL: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
-
-
-@dataclass
-class TeacherConditioning:
-    """The teacher's conditioning for a batch of prompts, exactly as the pipeline feeds its UNet.
-
-    Attributes:
-        prompt_embeds: ``[B, 77, D]`` token embeddings, ``D`` the UNet's ``cross_attention_dim``
-            (768 SD 1.x, 1024 SD 2.x, 2048 SDXL).
-        pooled_prompt_embeds: ``[B, P]`` SDXL's pooled embedding (``text_encoder_2`` projection, ``P = 1280``);
-            ``None`` for SD 1.x / 2.x.
-    """
-
-    prompt_embeds: Tensor
-    pooled_prompt_embeds: Tensor | None = None
 
 
 def _is_local(path_or_id: str | os.PathLike[str]) -> bool:
@@ -120,14 +106,17 @@ def detect_family(path_or_id: str | os.PathLike[str], **hub_kwargs: Any) -> Fami
 
     text = AutoConfig.from_pretrained(str(path_or_id), subfolder="text_encoder", **hub_kwargs)
     scheduler = DDPMScheduler.load_config(str(path_or_id), subfolder="scheduler", **hub_kwargs)
-    text = getattr(text, "text_config", text)
-    if (
-        getattr(text, "hidden_size", None) == 1024
-        or getattr(text, "hidden_act", None) == "gelu"
-        or scheduler.get("prediction_type") == "v_prediction"
-    ):
-        return "sd2"
-    return "sd1"
+    return "sd2" if _is_sd2(getattr(text, "text_config", text), scheduler) else "sd1"
+
+
+def _is_sd2(text_config: Any, scheduler_config: Mapping[str, Any]) -> bool:
+    """SD 2.x: an OpenCLIP-style text encoder (1024 wide, or ``gelu`` where CLIP ViT-L of SD 1.x uses
+    ``quick_gelu``), or a scheduler that predicts ``v_prediction``."""
+    return (
+        getattr(text_config, "hidden_size", None) == 1024
+        or getattr(text_config, "hidden_act", None) == "gelu"
+        or scheduler_config.get("prediction_type") == "v_prediction"
+    )
 
 
 def _transformers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -324,9 +313,7 @@ class Teacher:
 
         xl = getattr(pipe, "text_encoder_2", None) is not None
         if family is None:
-            text = pipe.text_encoder.config
-            v_pred = pipe.scheduler.config.get("prediction_type") == "v_prediction"
-            is_sd2 = text.hidden_size == 1024 or getattr(text, "hidden_act", None) == "gelu" or v_pred
+            is_sd2 = _is_sd2(pipe.text_encoder.config, pipe.scheduler.config)
             family = "sdxl" if xl else ("sd2" if is_sd2 else "sd1")
         suffixes = ("", "_2") if family == "sdxl" else ("",)
         return cls(
@@ -460,7 +447,7 @@ class Teacher:
         return torch.cat(hidden, dim=-1).to(dtype=dtype), pooled.to(dtype=dtype, device=self.device)
 
     @torch.no_grad()
-    def encode(self, prompts: str | Sequence[str]) -> TeacherConditioning:
+    def encode(self, prompts: str | Sequence[str]) -> Conditioning:
         """English conditioning for ``prompts``, equal to the pipeline's ``encode_prompt(prompt)``.
 
         Args:
@@ -472,13 +459,13 @@ class Teacher:
         prompts = self._prompt_list(prompts)
         if self.family == "sdxl":
             embeds, pooled = self._encode_sdxl(prompts, self.clip_skip)
-            return TeacherConditioning(embeds, pooled)
-        return TeacherConditioning(self._encode_sd(prompts, self.clip_skip))
+            return Conditioning(embeds, pooled)
+        return Conditioning(self._encode_sd(prompts, self.clip_skip))
 
     @torch.no_grad()
     def encode_unconditional(
         self, batch_size: int = 1, negative_prompts: Sequence[str] | None = None
-    ) -> TeacherConditioning:
+    ) -> Conditioning:
         """The classifier-free-guidance branch, as ``encode_prompt(..., do_classifier_free_guidance=True)`` makes it.
 
         With no ``negative_prompts``: the empty prompt, or all zeros for SDXL with
@@ -498,14 +485,14 @@ class Teacher:
                 dtype = self.text_encoders[-1].dtype
                 embeds = torch.zeros(batch_size, self.max_length, self.cross_attention_dim, dtype=dtype)
                 pooled = torch.zeros(batch_size, int(self.pooled_dim or 0), dtype=dtype)
-                return TeacherConditioning(embeds.to(self.device), pooled.to(self.device))
+                return Conditioning(embeds.to(self.device), pooled.to(self.device))
             prompts = [""] * batch_size
         else:
             prompts = self._prompt_list(negative_prompts, "negative_prompts")
         if self.family == "sdxl":
             embeds, pooled = self._encode_sdxl(prompts, None)
-            return TeacherConditioning(embeds, pooled)
-        return TeacherConditioning(self._encode_sd(prompts, None))
+            return Conditioning(embeds, pooled)
+        return Conditioning(self._encode_sd(prompts, None))
 
     @torch.no_grad()
     def encode_images(
@@ -574,7 +561,7 @@ class Teacher:
             )
         return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(batch_size, 1)
 
-    def added_cond_kwargs(self, conditioning: TeacherConditioning) -> dict[str, Tensor] | None:
+    def added_cond_kwargs(self, conditioning: Conditioning) -> dict[str, Tensor] | None:
         """``added_cond_kwargs`` for ``unet(...)``: SDXL's ``text_embeds`` + ``time_ids``; ``None`` otherwise.
 
         Args:
@@ -585,7 +572,56 @@ class Teacher:
         pooled = conditioning.pooled_prompt_embeds
         if pooled is None:
             raise ValueError("an SDXL UNet needs `pooled_prompt_embeds`, got None")
-        return {"text_embeds": pooled, "time_ids": self.add_time_ids(pooled.shape[0])}
+        return {"text_embeds": pooled.to(self.dtype), "time_ids": self.add_time_ids(pooled.shape[0])}
+
+    def pooled(self, prompts: str | Sequence[str], conditioning: Conditioning | None = None) -> Tensor:
+        """The teacher's pooled text vector ``[B, P]``, the one AltDiffusion distils.
+
+        SDXL: its ``pooled_prompt_embeds`` (taken from ``conditioning`` when given). SD 1.x / 2.x: the final-layer
+        [EOS] state of the CLIP text encoder (``pooler_output``), which the UNet itself never reads.
+
+        Args:
+            prompts: ``B`` English prompts.
+            conditioning: :meth:`encode` of the same prompts, to save SDXL a second encoding.
+        """
+        if self.family == "sdxl":
+            conditioning = conditioning or self.encode(prompts)
+            assert conditioning.pooled_prompt_embeds is not None  # encode gives SDXL one
+            return conditioning.pooled_prompt_embeds
+        tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
+        ids = self._ids(tokenizer, self._prompt_list(prompts), self.max_length).input_ids
+        with torch.no_grad():
+            return encoder(ids.to(next(encoder.parameters()).device)).pooler_output
+
+    def denoise(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        conditioning: Conditioning,
+        *,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """One denoiser forward as the pipelines make it, with whatever taps are installed.
+
+        Inputs are cast to the UNet's dtype; gradients flow wherever the inputs (or trainable UNet weights) ask.
+
+        Args:
+            latents: ``[B, C, h, w]`` noisy latents.
+            timesteps: ``[B]`` integer timesteps.
+            conditioning: ``prompt_embeds [B, L, D]`` (+ ``pooled_prompt_embeds [B, P]`` for SDXL).
+            attention_mask: ``[B, L]`` key padding mask of ``prompt_embeds`` (1 = attend), or ``None``: every
+                position attends, as at generation.
+
+        Returns:
+            The UNet's prediction ``[B, C, h, w]`` (epsilon, v or x0: :attr:`prediction_type`).
+        """
+        return self.unet(
+            latents.to(self.dtype),
+            timesteps,
+            encoder_hidden_states=conditioning.prompt_embeds.to(self.dtype),
+            encoder_attention_mask=attention_mask,
+            added_cond_kwargs=self.added_cond_kwargs(conditioning),
+        ).sample
 
     def __repr__(self) -> str:
         return (

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from xling.train.data import ParallelCorpus, collate
+from xling.train.data import ParallelCorpus
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +362,10 @@ class LatentCache:
         return self.status == "hit"
 
 
+def _stack_images(rows: list[dict[str, Any]]) -> torch.Tensor:
+    return torch.stack([row["image"] for row in rows])  # [B, 3, R, R]
+
+
 @torch.no_grad()
 def _encode_latents(
     corpus: ParallelCorpus,
@@ -375,7 +379,7 @@ def _encode_latents(
     """Encode the images of ``rows`` in order: ``[len(rows), C, h, w]``."""
     subset = torch.utils.data.Subset(corpus, list(rows))
     loader: Iterable[Any] = DataLoader(
-        subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+        subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_stack_images
     )
     if progress is not None:
         loader = progress(loader)
@@ -386,7 +390,7 @@ def _encode_latents(
         encode = partial(teacher.encode_images, sample=False)
     chunks = []
     for batch in loader:
-        pixels = batch["image"].to(device=parameter.device, dtype=parameter.dtype)  # [B, 3, R, R]
+        pixels = batch.to(device=parameter.device, dtype=parameter.dtype)  # [B, 3, R, R]
         latents = encode(pixels)  # [B, C, R/8, R/8]
         chunks.append(latents.to("cpu", dtype=dtype or latents.dtype))
     return torch.cat(chunks)

@@ -1,10 +1,13 @@
-"""Recipe configs: one dataclass per recipe (peft style), YAML files with the paper defaults, overrides.
+"""The config machinery every recipe shares: the base dataclass, the data and eval sections, loading, overrides.
 
-A config is flat except for two sections, ``data`` and ``eval``. Every field is documented through its
-``metadata["help"]``, which is what ``xling train <recipe> --help`` prints.
+Each recipe module defines its own config dataclass (``xling.train.recipes.iap.IAPConfig``, ...) on top of
+:class:`RecipeConfig`; the dataclass is the one home of every default and of every option's help text
+(``metadata["help"]``, what ``xling train <recipe> --help`` prints). Choices are ``Literal[...]`` annotations,
+from which validation reads the allowed values.
 
-The shipped YAMLs hold the paper's hyperparameters at the top level and, in a ``toy:`` section, the toy
-world's step counts and learning rates, applied when ``teacher`` is ``toy`` to every key the caller did not set.
+A shipped YAML (``configs/<recipe>.yaml``) holds only what differs from the dataclass: the paper's values, each
+with its source, and a ``toy:`` section with the toy world's step counts and learning rates, applied when
+``teacher`` is ``toy`` to every key the caller did not set.
 
 Override scheme (one, everywhere): ``--key VALUE`` with dotted keys for the sections, e.g.
 ``--lr 1e-4 --data.path pairs.jsonl --eval.enabled false``. Values are parsed as YAML scalars
@@ -21,28 +24,22 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from xling.train.toyworld.names import TOY
+
 #: Directory holding one YAML per recipe (also reachable through the repository's root ``configs`` symlink).
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-RECIPES: tuple[str, ...] = ("iap", "pea", "mtn", "align", "distill", "denoise")
-
-#: The word that means "the built-in toy world" for ``teacher``, ``student`` and ``data.path``.
-TOY = "toy"
-
-#: The committed toy students: ``student: toy`` is ``pretrained``, ``toy-random`` and ``toy-aligned`` the others.
-TOY_STUDENTS: tuple[str, ...] = ("pretrained", "random", "aligned")
 
 #: YAML section with the toy world's values (step counts, batch size, lr), applied when ``teacher == "toy"`` to
 #: the keys the caller did not set; the top level holds the paper's values for real models.
 TOY_SECTION = "toy"
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with an immutable default and its help text."""
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with an immutable default and its help text (peft style)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -50,191 +47,113 @@ def _f(default: Any, help: str) -> Any:
 class DataConfig:
     """Where the parallel captions (and images) come from."""
 
-    path: str = _f(
+    path: str = option(
         TOY, "'toy' (generated toy-world pairs) or a JSONL/CSV/TSV/Parquet file or WebDataset shards."
     )
-    en_column: str = _f("en", "Column holding the English caption.")
-    zh_column: str = _f("zh", "Column holding the target-language caption.")
-    image_column: str = _f("image", "Column holding the image path (image recipes only).")
-    culture_column: str = _f("culture", "Column flagging culture-only rows (pea --hybrid).")
-    on_bad_row: str = _f("skip", "'skip' or 'fail' on a malformed row, unreadable image or empty caption.")
-    num_samples: int = _f(512, "Toy world only: number of generated training pairs.")
-    val_samples: int = _f(16, "Rows held out for validation (toy world: held-out combinations).")
-    num_workers: int = _f(0, "DataLoader worker processes.")
-    latent_cache: str | None = _f(
+    en_column: str = option("en", "Column holding the English caption.")
+    zh_column: str = option("zh", "Column holding the target-language caption.")
+    image_column: str = option("image", "Column holding the image path (image recipes only).")
+    culture_column: str = option("culture", "Column flagging culture-only rows (pea --hybrid).")
+    on_bad_row: Literal["skip", "fail"] = option(
+        "skip",
+        "'skip' (counted and reported) or 'fail' on a malformed row, unreadable image or empty caption.",
+    )
+    num_samples: int = option(512, "Toy world only: number of generated training pairs.")
+    val_samples: int = option(16, "Rows held out for validation (toy world: held-out combinations).")
+    num_workers: int = option(0, "DataLoader worker processes.")
+    latent_cache: str | None = option(
         None, "Folder of a VAE latent cache, built on first use (image recipes, files)."
     )
-    embedding_cache: str | None = _f(None, "Folder of a teacher-embedding cache, built on first use (files).")
+    embedding_cache: str | None = option(
+        None, "Folder of a teacher-embedding cache, built on first use (files)."
+    )
 
 
 @dataclass
 class EvalConfig:
     """The end-of-run evaluation (toy world: Markdown report + PNG grid)."""
 
-    enabled: bool = _f(True, "Write the report and the PNG grid at the end of training.")
-    num_prompts: int = _f(8, "Prompts in the PNG grid.")
+    enabled: bool = option(True, "Write the report and the PNG grid at the end of training.")
+    num_prompts: int = option(8, "Prompts in the PNG grid.")
     seeds: list[int] = field(
         default_factory=lambda: [0, 1], metadata={"help": "Sampling seeds for the report and the grid."}
     )
-    num_inference_steps: int = _f(20, "Sampler steps for the report images.")
-    guidance_scale: float = _f(3.0, "Classifier-free guidance scale for the report images.")
-    max_scenes: int | None = _f(None, "Toy world: evaluate a fixed subset of this many scenes (None: all).")
+    num_inference_steps: int = option(20, "Sampler steps for the report images.")
+    guidance_scale: float = option(3.0, "Classifier-free guidance scale for the report images.")
+    max_scenes: int | None = option(
+        None, "Toy world: evaluate a fixed subset of this many scenes (None: all)."
+    )
 
 
 @dataclass
 class RecipeConfig:
     """Fields every recipe shares: models, loop, optimizer, logging, checkpoints."""
 
-    recipe: str = _f("iap", "Recipe name.")
-    teacher: str = _f(TOY, "Teacher diffusers directory or Hub id ('toy': the committed toy teacher).")
-    student: str = _f(
+    recipe: str = option("", "Recipe name (set from the recipe that loads the config).")
+    teacher: str = option(TOY, "Teacher diffusers directory or Hub id ('toy': the committed toy teacher).")
+    student: str = option(
         TOY,
         "Student encoder directory or Hub id ('toy': the MLM-pretrained toy student; 'toy-random', 'toy-aligned').",
     )
-    output_dir: str = _f("runs/iap", "Run directory: checkpoints/, logs/, adapter/, config.yaml, report.")
-    seed: int = _f(0, "Seed of the data order, the noise and the initialisation.")
-    max_steps: int = _f(300, "Optimizer updates to run.")
-    batch_size: int = _f(
-        16, "Rows per process per micro-batch (global batch = batch_size * processes * accumulation)."
+    output_dir: str = option(
+        "", "Run directory: checkpoints/, logs/, adapter/, config.yaml, report (empty: runs/<recipe>)."
     )
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
-    mixed_precision: str = _f(
-        "no", "'no', 'fp16' or 'bf16': frozen modules run in this dtype, trainable stay fp32."
+    seed: int = option(0, "Seed of the data order, the noise and the initialisation.")
+    max_steps: int = option(20000, "Optimizer updates to run.")
+    batch_size: int = option(
+        8, "Rows per process per micro-batch (global batch = batch_size * processes * accumulation)."
     )
-    lr: float = _f(5e-5, "Peak learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    lr_scheduler: str = _f("cosine", "'cosine', 'constant' or 'linear' (all after warmup).")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
-    log_with: str = _f("tensorboard", "'tensorboard', 'wandb' or 'none'.")
-    log_every: int = _f(10, "Log every loss term every N updates.")
-    validate_every: int = _f(0, "Validation loss every N updates (0: only at the end).")
-    checkpoint_every: int = _f(100, "save_state every N updates (0: never).")
-    keep_checkpoints: int = _f(2, "Keep the last K checkpoints.")
-    resume: str | None = _f(None, "'latest' or a checkpoint directory to continue from.")
-    attention: str = _f(
-        "auto", "Dual attention: 'fused' (Triton), 'reference' (PyTorch) or 'auto' (fused on CUDA)."
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option(
+        "no", "'no', 'fp16' or 'bf16': frozen modules run in this dtype, trainable ones stay fp32."
     )
+    lr: float = option(1e-4, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
+    lr_scheduler: Literal["cosine", "constant", "linear"] = option(
+        "cosine", "'cosine', 'constant' or 'linear' (all after warmup)."
+    )
+    warmup_steps: int = option(500, "Linear warmup steps.")
+    log_with: Literal["tensorboard", "wandb", "none"] = option(
+        "tensorboard", "'tensorboard', 'wandb' or 'none'."
+    )
+    log_every: int = option(10, "Log every loss term every N updates.")
+    validate_every: int = option(1000, "Validation loss every N updates (0: only at the end).")
+    checkpoint_every: int = option(1000, "save_state every N updates (0: never).")
+    keep_checkpoints: int = option(2, "Keep the last K checkpoints.")
+    resume: str | None = option(None, "'latest' or a checkpoint directory to continue from.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation section."})
 
 
 @dataclass
-class UNetOnImages:
-    """Options of the recipes that run the UNet on noised images conditioned by the student (IAP, PEA, denoise)."""
+class NoisedImagesConfig:
+    """Options of the recipes that run the denoiser on noised images conditioned by the student (IAP, PEA,
+    denoise)."""
 
-    timestep_min: int = _f(0, "Smallest training timestep sampled.")
-    timestep_max: int | None = _f(None, "Largest training timestep sampled (None: the scheduler's last).")
+    timestep_min: int = option(0, "Smallest training timestep sampled.")
+    timestep_max: int | None = option(None, "Largest training timestep sampled (None: the scheduler's last).")
     # The diffusers pipelines take `prompt_embeds` without a mask, so generation attends to every student
     # position. Training unmasked would match that, yet scored lower in the toy world (IAP 87.5% vs 95.8%,
     # PEA 8.3% vs 12.5% all-correct), so masking stays the default.
-    student_padding_mask: bool = _f(
-        True, "Hide the student's padding tokens from the UNet's cross-attention in training."
+    student_padding_mask: bool = option(
+        True,
+        "Hide the student's padding tokens from the denoiser's cross-attention in training (false trains as "
+        "the pipelines generate, unmasked; docs/toyworld.md).",
     )
 
-
-@dataclass
-class IAPConfig(UNetOnImages, RecipeConfig):
-    """IAP, "images as pivots": the student encoder + a linear head learn to reproduce, in every cross-attention
-    layer, the teacher's output for the same image query (Li et al., 2024; lr 5e-5)."""
-
-    recipe: str = _f("iap", "Recipe name.")
-    output_dir: str = _f("runs/iap", "Run directory.")
-    lr: float = _f(5e-5, "Peak learning rate (IAP paper: 5e-5).")
-    train_encoder: bool = _f(True, "Fine-tune the whole student encoder (IAP); false trains the head only.")
-
-
-@dataclass
-class PEAConfig(UNetOnImages, RecipeConfig):
-    """PEA-Diffusion: frozen student + MLP adapter, UNet feature KD + output KD (Ma et al., 2023; lr 1e-5,
-    feature weight 0.1)."""
-
-    recipe: str = _f("pea", "Recipe name.")
-    output_dir: str = _f("runs/pea", "Run directory.")
-    lr: float = _f(1e-5, "Peak learning rate (PEA paper: 1e-5).")
-    feature_weight: float = _f(0.1, "lambda_F, weight of the UNet feature KD (PEA paper: 0.1).")
-    output_weight: float = _f(1.0, "lambda_L, weight of the noise-prediction KD.")
-    hybrid: bool = _f(False, "Culture-only rows use the plain denoising loss instead of KD.")
-    denoise_weight: float = _f(1.0, "Weight of the denoising loss on culture-only rows (--hybrid).")
-    adapter_hidden: int | None = _f(None, "MLP adapter hidden width (None: the adapter's default).")
-
-
-@dataclass
-class MTNConfig(RecipeConfig):
-    """MTN / GlueNet: frozen student + mixer translator with a decoder; MSE to the teacher embeddings,
-    reconstruction and an adversarial term (Qin et al., 2023; lr 1e-4)."""
-
-    recipe: str = _f("mtn", "Recipe name.")
-    output_dir: str = _f("runs/mtn", "Run directory.")
-    lr: float = _f(1e-4, "Peak learning rate (GlueNet: 1e-4).")
-    mse_weight: float = _f(1.0, "Weight of the MSE to the teacher embeddings.")
-    reconstruction_weight: float = _f(1.0, "Weight of the reconstruction through the decoder.")
-    adversarial_weight: float = _f(
-        0.1, "Weight of the adversarial term (gradient reversal into the translator)."
-    )
-    grl_scale: float = _f(1.0, "Gradient-reversal scale between the translator and the discriminator.")
-    num_blocks: int | None = _f(None, "Mixer blocks (None: the translator's default).")
-
-
-@dataclass
-class AlignConfig(RecipeConfig):
-    """Cosine alignment of student and teacher embeddings with LoRA heads (r 16, alpha 64) or the last k
-    encoder layers unfrozen (the LoRA/unfreeze baselines of the IAP paper)."""
-
-    recipe: str = _f("align", "Recipe name.")
-    output_dir: str = _f("runs/align", "Run directory.")
-    lr: float = _f(1e-4, "Peak learning rate.")
-    method: str = _f("lora", "'lora' (LoRA heads) or 'unfreeze' (last k layers trainable).")
-    lora_r: int = _f(16, "LoRA rank (paper: 16).")
-    lora_alpha: int = _f(64, "LoRA alpha (paper: 64).")
-    unfreeze_layers: int = _f(3, "Layers unfrozen with method=unfreeze (paper: 3).")
-    pooled_weight: float = _f(1.0, "Weight of the pooled-embedding cosine (SDXL teachers only).")
-
-
-@dataclass
-class DistillConfig(RecipeConfig):
-    """AltDiffusion stage 1: MSE between the projected student [CLS] and the teacher's pooled vector
-    (Chen et al., 2022 / Ye et al., 2023)."""
-
-    recipe: str = _f("distill", "Recipe name.")
-    output_dir: str = _f("runs/distill", "Run directory.")
-    lr: float = _f(1e-4, "Peak learning rate.")
-    train_encoder: bool = _f(True, "Fine-tune the student encoder with the projection.")
-
-
-@dataclass
-class DenoiseConfig(UNetOnImages, RecipeConfig):
-    """The plain denoising loss on a chosen trainable part: the student (Taiyi / "original loss" baseline),
-    the cross-attention K/V (AltDiffusion stage 2) or the whole UNet."""
-
-    recipe: str = _f("denoise", "Recipe name.")
-    output_dir: str = _f("runs/denoise", "Run directory.")
-    lr: float = _f(5e-5, "Peak learning rate.")
-    trainable: str = _f("student", "'student', 'kv' (attn2 to_k/to_v only) or 'unet'.")
-    adapter: str | None = _f(None, "Adapter directory to start from (kv/unet: the frozen stage-1 student).")
-    snr_gamma: float | None = _f(None, "Min-SNR weighting gamma (None: plain MSE).")
-
-
-CONFIG_CLASSES: dict[str, type[RecipeConfig]] = {
-    "iap": IAPConfig,
-    "pea": PEAConfig,
-    "mtn": MTNConfig,
-    "align": AlignConfig,
-    "distill": DistillConfig,
-    "denoise": DenoiseConfig,
-}
 
 C = TypeVar("C", bound=RecipeConfig)
 
 
 def config_class(recipe: str) -> type[RecipeConfig]:
-    """The config dataclass of ``recipe``."""
-    if recipe not in CONFIG_CLASSES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
-    return CONFIG_CLASSES[recipe]
+    """The config dataclass of ``recipe`` (defined in its recipe module)."""
+    from xling.train.recipes import get_recipe
+
+    return get_recipe(recipe).config_class
 
 
 def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -248,8 +167,18 @@ def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.
             yield f"{prefix}{f.name}", f, tp
 
 
+def choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` annotation, else ``None``."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check (and, for strings from the command line, parse) ``value`` against the annotation ``tp``."""
+    allowed = choices(tp)
+    if allowed is not None:
+        if value not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
+        return value
     if isinstance(value, str) and tp is not str:
         value = yaml.safe_load(value) if value.strip() else value
     origin = typing.get_origin(tp)
@@ -279,19 +208,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"config key {key!r} expects a float, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            # YAML may read a path like 123 as a number; a string field keeps its text.
-            return str(value)
-        return value
+    if tp is str and not isinstance(value, str):
+        # YAML may read a path like 123 as a number; a string field keeps its text.
+        return str(value)
     return value
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"path": p}}`` -> ``{"data.path": p}``."""
     out: dict[str, Any] = {}
     for k, v in mapping.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -304,7 +232,7 @@ def to_dict(config: RecipeConfig) -> dict[str, Any]:
 
 def flat_dict(config: RecipeConfig) -> dict[str, Any]:
     """``{"lr": 5e-05, "data.path": "toy", ...}``: the dotted view used for trackers and ``--help``."""
-    return _flatten(to_dict(config))
+    return flatten(to_dict(config))
 
 
 def set_key(config: RecipeConfig, key: str, value: Any) -> None:
@@ -328,7 +256,7 @@ def override_items(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[
     if not overrides:
         return []
     if isinstance(overrides, Mapping):
-        return list(_flatten(overrides).items())
+        return list(flatten(overrides).items())
     items, tokens, i = [], list(overrides), 0
     while i < len(tokens):
         token = tokens[i]
@@ -358,9 +286,17 @@ def apply_overrides(config: C, overrides: Mapping[str, Any] | Sequence[str] | No
 
 
 def default_config_path(recipe: str) -> Path:
-    """The shipped YAML of ``recipe`` (paper defaults, toy-world sizes)."""
+    """The shipped YAML of ``recipe`` (the paper's values, the toy world's sizes)."""
     config_class(recipe)
     return CONFIG_DIR / f"{recipe}.yaml"
+
+
+def shipped_yaml(recipe: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shipped YAML of ``recipe`` as flat dotted keys: ``(paper values, toy section)``."""
+    path = default_config_path(recipe)
+    raw = dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    toy = raw.pop(TOY_SECTION, None) or {}
+    return flatten(raw), flatten(toy)
 
 
 def load_config(
@@ -368,8 +304,12 @@ def load_config(
     source: Mapping[str, Any] | RecipeConfig | str | Path | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> RecipeConfig:
-    """Build the config of ``recipe``: the shipped YAML, then ``source`` (a mapping, a YAML path or a config),
-    then ``overrides``. Unknown keys raise ``ValueError`` listing the valid ones.
+    """Build the config of ``recipe``: its dataclass, the shipped YAML, then ``source`` (a mapping, a YAML path or
+    a config), then ``overrides``; for the toy teacher, the YAML's toy section under all of these.
+
+    Raises:
+        ValueError: an unknown recipe or key (the message lists the valid ones), or a value out of range.
+        TypeError: a value of the wrong type.
     """
     cls = config_class(recipe)
     if isinstance(source, RecipeConfig):
@@ -378,13 +318,12 @@ def load_config(
         config = dataclasses.replace(source)
         config.data = dataclasses.replace(source.data)
         config.eval = dataclasses.replace(source.eval)
-        return apply_overrides(config, overrides)
+        return _finish(recipe, apply_overrides(config, overrides))
     config = cls()
-    shipped = shipped_yaml(recipe)
-    toy = dict(shipped.pop(TOY_SECTION, None) or {})
-    apply_overrides(config, shipped)
+    paper, toy = shipped_yaml(recipe)
+    apply_overrides(config, paper)
     if isinstance(source, str | Path):
-        source = yaml.safe_load(Path(source).read_text()) or {}
+        source = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
     explicit: set[str] = set()
     if source:
         if not isinstance(source, Mapping):
@@ -394,41 +333,31 @@ def load_config(
         if source.get("recipe", recipe) != recipe:
             raise ValueError(f"config is for recipe {source['recipe']!r}, not {recipe!r}")
         source = dict(source)
-        toy.update(source.pop(TOY_SECTION, None) or {})
+        toy.update(flatten(source.pop(TOY_SECTION, None) or {}))
         explicit |= {k for k, _ in override_items(source)}
         apply_overrides(config, source)
     explicit |= {k for k, _ in override_items(overrides)}
     apply_overrides(config, overrides)
     if config.teacher == TOY:
         # The toy world's sizes and learning rates, for every key the caller did not set.
-        apply_overrides(config, {k: v for k, v in override_items(toy) if k not in explicit})
+        apply_overrides(config, {k: v for k, v in toy.items() if k not in explicit})
+    return _finish(recipe, config)
+
+
+def _finish(recipe: str, config: C) -> C:
+    config.recipe = recipe
+    config.output_dir = config.output_dir or f"runs/{recipe}"
     validate(config)
     return config
 
 
-def shipped_yaml(recipe: str) -> dict[str, Any]:
-    """The shipped YAML of ``recipe`` as a dict (its ``toy`` section included)."""
-    path = default_config_path(recipe)
-    return dict(yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "lr_scheduler": ("cosine", "constant", "linear"),
-    "log_with": ("tensorboard", "wandb", "none"),
-    "attention": ("auto", "fused", "reference"),
-    "data.on_bad_row": ("skip", "fail"),
-    "method": ("lora", "unfreeze"),
-    "trainable": ("student", "kv", "unet"),
-}
-
-
 def validate(config: RecipeConfig) -> None:
-    """Raise ``ValueError`` naming the key for an out-of-range option."""
+    """Raise ``ValueError`` naming the key for an option out of its choices or range."""
     flat = flat_dict(config)
-    for key, choices in _CHOICES.items():
-        if key in flat and flat[key] not in choices:
-            raise ValueError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    for key, _, tp in iter_fields(type(config)):
+        allowed = choices(tp)
+        if allowed is not None and flat[key] not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {flat[key]!r}")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
         if flat[key] < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {flat[key]}")

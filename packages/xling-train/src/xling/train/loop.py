@@ -8,7 +8,7 @@ validation, atomic rotated checkpoints, exact resume and the non-finite stop.
 
 Exact resume rests on three choices: the data order comes from :class:`EpochBatchSampler` (a permutation
 seeded by ``seed + epoch``, skipped into with ``accelerator.skip_first_batches``); the per-row noise and
-timesteps come from generators seeded by ``(seed, step, row index)`` (see ``recipes.base.row_generators``), so
+timesteps come from generators seeded by ``(seed, step, row index)`` (see ``xling.train.noise.row_generators``), so
 they depend neither on the process count nor on where a run was resumed; the DataLoader draws its worker seed
 from its own generator, so starting a fresh iterator does not move the global RNG that dropout uses (restored by
 ``load_state``).
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from xling.train.checkpoint import (
     TrainerState,
@@ -35,7 +35,8 @@ from xling.train.checkpoint import (
     save_checkpoint,
 )
 from xling.train.config import RecipeConfig, dump_yaml, flat_dict
-from xling.train.recipes.base import TrainStep, collate_rows
+from xling.train.data import EpochBatchSampler, make_dataloader
+from xling.train.recipes.base import TrainStep
 
 __all__ = [
     "EpochBatchSampler",
@@ -96,82 +97,6 @@ class RunResult:
     wall_time_s: float = 0.0
     trainable_parameters: int = 0
     files: dict[str, Path] = field(default_factory=dict)
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Seeded, sharded batch sampler: epoch ``e`` is ``randperm(num_rows, seed + e)`` cut into global batches
-    of ``batch_size * num_replicas``; process ``rank`` takes its contiguous slice of each. The global batch is
-    thus the same for any process count, which is what makes 1-process and N-process runs agree.
-
-    Args:
-        num_rows: dataset length.
-        batch_size: rows per process per batch.
-        seed: base seed of the permutation.
-        num_replicas: number of processes.
-        rank: this process.
-        shuffle: permute (``False``: dataset order, for validation).
-    """
-
-    def __init__(
-        self,
-        num_rows: int,
-        batch_size: int,
-        *,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        if num_rows < batch_size * num_replicas:
-            raise ValueError(
-                f"the dataset has {num_rows} rows, fewer than one global batch "
-                f"(batch_size {batch_size} x {num_replicas} processes)"
-            )
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_rows // (self.batch_size * self.num_replicas)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            order = torch.randperm(
-                self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-            )
-        else:
-            order = torch.arange(self.num_rows)
-        per_global = self.batch_size * self.num_replicas
-        for b in range(len(self)):
-            start = b * per_global + self.rank * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
-
-
-class _IndexedStream(IterableDataset):
-    """Pairs every streamed row with a placeholder index; the loop numbers rows by stream position."""
-
-    def __init__(self, rows: IterableDataset) -> None:
-        self.rows = rows
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        for row in self.rows:
-            yield -1, row
-
-
-class _Indexed(Dataset):
-    """Adds the row index (the noise seed) to every row of ``rows``."""
-
-    def __init__(self, rows: Any) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.rows[i]
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
@@ -237,17 +162,6 @@ def _tracker_config(config: RecipeConfig) -> dict[str, Any]:
     }
 
 
-def _loader(rows: Any, sampler: Sampler, num_workers: int, seed: int) -> DataLoader:
-    return DataLoader(
-        _Indexed(rows),
-        batch_sampler=sampler,
-        collate_fn=collate_rows,
-        num_workers=num_workers,
-        # Its own generator: a new iterator then leaves the global RNG (dropout's) where load_state put it.
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
 def _finite_or_names(total: torch.Tensor, logs: dict[str, torch.Tensor]) -> list[str]:
     bad = [k for k, v in logs.items() if not torch.isfinite(v.detach()).all()]
     if not bad and not torch.isfinite(total.detach()).all():
@@ -283,7 +197,7 @@ def train(
     val_rows: Any | None = None,
     *,
     accelerator: Any | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float], TrainStep], None] | None = None,
 ) -> RunResult:
     """Train ``step_module`` on ``train_rows`` as ``config`` says and write the run directory.
 
@@ -295,7 +209,8 @@ def train(
             corpus itself; the shards should hold about as many rows per process).
         val_rows: validation rows (optional).
         accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``config``).
-        on_step: called with ``(step, logs)`` on the main process after every update (and its checkpoint).
+        on_step: called with ``(step, logs, step_module)`` on the main process after every update (and its
+            checkpoint); ``step_module`` is the unwrapped recipe step.
 
     Returns:
         The :class:`RunResult`. Raises :class:`NonFiniteTrainingError` when a loss term is not finite.
@@ -327,33 +242,22 @@ def train(
     accelerator.register_for_checkpointing(lr_scheduler)
 
     streamed = isinstance(train_rows, IterableDataset)
-    if streamed:
-        # Tar shards: each process reads its own shards (the corpus splits them by rank); the epoch is
-        # whatever the stream yields, and rows are numbered by their position for the noise seeds.
-        sampler = None
-        loader = DataLoader(
-            _IndexedStream(train_rows),
-            batch_size=config.batch_size,
-            collate_fn=collate_rows,
-            num_workers=config.data.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(config.seed),  # keep the global (dropout) RNG untouched
-        )
-    else:
-        sampler = EpochBatchSampler(
-            len(train_rows),
-            config.batch_size,
-            seed=config.seed,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
-        loader = _loader(train_rows, sampler, config.data.num_workers, config.seed)
+    # Tar shards: each process reads its own shards (the corpus splits them by rank); the epoch is
+    # whatever the stream yields, and rows are numbered by their position for the noise seeds.
+    loader = make_dataloader(
+        train_rows,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        num_workers=config.data.num_workers,
+    )
+    sampler = None if streamed else loader.batch_sampler
     val_loader = None
     if val_rows is not None and len(val_rows) > 0:
-        val_sampler = EpochBatchSampler(
-            len(val_rows), min(config.batch_size, len(val_rows)), seed=config.seed, shuffle=False
+        val_loader = make_dataloader(
+            val_rows, batch_size=min(config.batch_size, len(val_rows)), seed=config.seed, shuffle=False
         )
-        val_loader = _loader(val_rows, val_sampler, 0, config.seed)
 
     state = TrainerState()
     resume_from = resolve_resume(config.resume, output_dir)
@@ -386,81 +290,86 @@ def train(
     sums: dict[str, float] = {}
     n_micro = 0
 
-    while state.step < config.max_steps:
-        (train_rows if streamed else sampler).set_epoch(state.epoch)
-        epoch_loader = (
-            accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        )
-        seen_in_epoch = state.batch_in_epoch
-        for batch in epoch_loader:
-            seen_in_epoch += 1
-            if streamed:
-                first = (state.micro_batches * accelerator.num_processes + accelerator.process_index) * len(
-                    batch
-                )
-                batch.index = torch.arange(first, first + len(batch))
-            batch = batch.to(device)
-            batch.step = state.step
-            with accelerator.accumulate(model):
-                bad: list[str] = []
-                detail = ""
-                try:
-                    total, logs = model(batch)
-                    bad = _finite_or_names(total, logs)
-                except FloatingPointError as err:  # xling.losses.NonFiniteLossError
-                    bad, detail = list(getattr(err, "terms", None) or ["?"]), str(err)
-                # Every process learns whether any process saw a non-finite loss, so none is left waiting
-                # in a collective while the others stop.
-                flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=device), "sum")
-                if float(flag) > 0:
-                    progress.close()
-                    raise NonFiniteTrainingError(state.step + 1, bad, last_checkpoint, detail)
-                accelerator.backward(total)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    # Closed on every exit path, so an exception's message starts on its own line, not after the bar.
+    try:
+        while state.step < config.max_steps:
+            (train_rows if streamed else sampler).set_epoch(state.epoch)
+            epoch_loader = (
+                accelerator.skip_first_batches(loader, state.batch_in_epoch)
+                if state.batch_in_epoch
+                else loader
+            )
+            seen_in_epoch = state.batch_in_epoch
+            for batch in epoch_loader:
+                seen_in_epoch += 1
+                if streamed:
+                    first = (
+                        state.micro_batches * accelerator.num_processes + accelerator.process_index
+                    ) * len(batch)
+                    batch.index = torch.arange(first, first + len(batch))
+                batch = batch.to(device)
+                batch.step = state.step
+                with accelerator.accumulate(model):
+                    bad: list[str] = []
+                    detail = ""
+                    try:
+                        total, logs = model(batch)
+                        bad = _finite_or_names(total, logs)
+                    except FloatingPointError as err:  # xling.losses.NonFiniteLossError
+                        bad, detail = list(getattr(err, "terms", None) or ["?"]), str(err)
+                    # Every process learns whether any process saw a non-finite loss, so none is left waiting
+                    # in a collective while the others stop.
+                    flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=device), "sum")
+                    if float(flag) > 0:
+                        raise NonFiniteTrainingError(state.step + 1, bad, last_checkpoint, detail)
+                    accelerator.backward(total)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-            for k, v in {"total": total, **logs}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().float())
-            n_micro += 1
-            state.micro_batches += 1
-            state.batch_in_epoch += 1
-            if sampler is not None and state.batch_in_epoch >= len(sampler):
-                # An accumulation window left open here simply continues into the next epoch.
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if not accelerator.sync_gradients:
-                continue
+                for k, v in {"total": total, **logs}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float())
+                n_micro += 1
+                state.micro_batches += 1
+                state.batch_in_epoch += 1
+                if sampler is not None and state.batch_in_epoch >= len(sampler):
+                    # An accumulation window left open here simply continues into the next epoch.
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if not accelerator.sync_gradients:
+                    continue
 
-            lr_scheduler.step()
-            state.step += 1
-            local = torch.tensor([sums[k] / n_micro for k in sorted(sums)], device=device)
-            mean = accelerator.reduce(local, "mean")
-            step_logs = {f"train/{k}": float(v) for k, v in zip(sorted(sums), mean.tolist())}
-            step_logs["train/lr"] = lr_scheduler.get_last_lr()[0]
-            sums, n_micro = {}, 0
-            result.losses.append(step_logs["train/total"])
-            result.logs.append(step_logs)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_logs['train/total']:.4g}")
-            if state.step % config.log_every == 0 or state.step == config.max_steps:
-                accelerator.log(step_logs, step=state.step)
-            if config.validate_every and state.step % config.validate_every == 0:
-                result.val_logs = _validate(model, val_loader, device, state.step)
-                accelerator.log(result.val_logs, step=state.step)
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
-            if on_step is not None and accelerator.is_main_process:
-                on_step(state.step, step_logs)
-            if state.step >= config.max_steps:
-                break
-        else:
-            if streamed:
-                if seen_in_epoch == 0:
-                    raise ValueError("the streamed corpus yielded no full batch: fewer rows than batch_size")
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-    progress.close()
+                lr_scheduler.step()
+                state.step += 1
+                local = torch.tensor([sums[k] / n_micro for k in sorted(sums)], device=device)
+                mean = accelerator.reduce(local, "mean")
+                step_logs = {f"train/{k}": float(v) for k, v in zip(sorted(sums), mean.tolist())}
+                step_logs["train/lr"] = lr_scheduler.get_last_lr()[0]
+                sums, n_micro = {}, 0
+                result.losses.append(step_logs["train/total"])
+                result.logs.append(step_logs)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_logs['train/total']:.4g}")
+                if state.step % config.log_every == 0 or state.step == config.max_steps:
+                    accelerator.log(step_logs, step=state.step)
+                if config.validate_every and state.step % config.validate_every == 0:
+                    result.val_logs = _validate(model, val_loader, device, state.step)
+                    accelerator.log(result.val_logs, step=state.step)
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    last_checkpoint = save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+                if on_step is not None and accelerator.is_main_process:
+                    on_step(state.step, step_logs, accelerator.unwrap_model(model))
+                if state.step >= config.max_steps:
+                    break
+            else:
+                if streamed:
+                    if seen_in_epoch == 0:
+                        raise ValueError(
+                            "the streamed corpus yielded no full batch: fewer rows than batch_size"
+                        )
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    finally:
+        progress.close()
     result.wall_time_s = time.perf_counter() - started
     result.steps = state.step
     if not result.val_logs or (config.validate_every and state.step % config.validate_every):

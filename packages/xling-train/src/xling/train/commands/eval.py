@@ -10,7 +10,6 @@ Metrics are printed and written to ``--out`` as ``report.md``, ``metrics.json`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,63 +51,23 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_run)
 
 
-def read_prompt_pairs(path: Path) -> tuple[list[str], list[str]]:
-    """``en`` / ``zh`` lists from a JSONL file (one ``{"en": ..., "zh": ...}`` object per line)."""
-    en, zh = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            en.append(str(row["en"]))
-            zh.append(str(row["zh"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: expected a JSON object with 'en' and 'zh' ({err})") from err
-    if not en:
-        raise ValueError(f"{path} holds no prompt pairs")
-    return en, zh
-
-
 def _run(args: argparse.Namespace) -> int:
-    from xling.adapters.encoder import LanguageEncoder
     from xling.train import evaluation
-    from xling.train.commands.generate import sampler_defaults
 
     out = args.out or Path("runs/eval") / Path(args.adapter).resolve().name
     try:
-        encoder = LanguageEncoder.from_pretrained(args.adapter, device=args.device)
-        if args.teacher == "toy":
-            result = evaluation.evaluate_toy(
-                encoder,
-                "toy",
-                seeds=args.seeds,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                paraphrase=not args.no_paraphrase,
-                max_scenes=args.max_scenes,
-                clip_model=args.clip_model,
-                device=args.device,
-            )
-        else:
-            if args.prompts is not None:
-                en, zh = read_prompt_pairs(args.prompts)
-            else:
-                from xling.train.toyworld import world
-
-                scenes = list(world.all_single_scenes(split="heldout"))
-                en, zh = [world.caption_en(s) for s in scenes], [world.caption_zh(s) for s in scenes]
-            steps, guidance = sampler_defaults(args.teacher, args.steps, args.guidance)
-            result = evaluation.evaluate_pairs(
-                encoder,
-                args.teacher,
-                en,
-                zh,
-                seeds=args.seeds,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                clip_model=args.clip_model,
-                device=args.device,
-            )
+        result = evaluation.evaluate_adapter(
+            args.adapter,
+            args.teacher,
+            prompts=args.prompts,
+            seeds=args.seeds,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            paraphrase=not args.no_paraphrase,
+            max_scenes=args.max_scenes,
+            clip_model=args.clip_model,
+            device=args.device,
+        )
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"xling eval: error: {err}", file=sys.stderr)
         return 2

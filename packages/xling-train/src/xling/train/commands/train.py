@@ -8,56 +8,22 @@ a shipped config. Values are parsed as YAML scalars and checked against the key'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import sys
 from typing import Any
 
-from xling.train.config import (
-    RECIPES,
-    TOY_SECTION,
-    config_class,
-    default_config_path,
-    iter_fields,
-    shipped_yaml,
-)
-
-_SUMMARY = {
-    "iap": "images as pivots: student encoder, cross-attention MSE with a shared query (needs images)",
-    "pea": "PEA-Diffusion: frozen student + MLP adapter, UNet feature + output KD (needs images)",
-    "mtn": "MTN / GlueNet: frozen student + mixer translator, MSE + reconstruction + adversarial (text)",
-    "align": "cosine alignment with LoRA (r16/a64) or the last k layers unfrozen (text)",
-    "distill": "AltDiffusion stage 1: projected [CLS] to the teacher's pooled vector (text)",
-    "denoise": "plain denoising loss on the student, the cross-attention K/V or the UNet (needs images)",
-}
-
-
-def _defaults(recipe: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The shipped YAML of ``recipe`` flattened to dotted keys, and its toy-world section (for ``--help``)."""
-    raw = shipped_yaml(recipe)
-    toy = raw.pop(TOY_SECTION, None) or {}
-    return _flat(raw), _flat(toy)
-
-
-def _flat(raw: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(raw, "")
-    return out
+from xling.train.config import default_config_path, iter_fields, shipped_yaml
+from xling.train.recipes import RECIPES, get_recipe
 
 
 def _add_recipe_parser(subparsers: Any, recipe: str) -> None:
-    cls = config_class(recipe)
+    entry = get_recipe(recipe)
+    cls = entry.config_class
     parser = subparsers.add_parser(
         recipe,
-        help=_SUMMARY[recipe],
+        help=entry.summary,
         description=f"{inspect.cleandoc(cls.__doc__ or '')}\n\nShipped defaults: {default_config_path(recipe)} "
         "(paper values; its 'toy' section applies when --teacher is toy, the default)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,7 +31,7 @@ def _add_recipe_parser(subparsers: Any, recipe: str) -> None:
     parser.add_argument(
         "--config", metavar="FILE", help="YAML config to start from (a copy of the shipped one)."
     )
-    shipped, toy = _defaults(recipe)
+    shipped, toy = shipped_yaml(recipe)
     groups: dict[str, Any] = {}
     for key, f, tp in iter_fields(cls):
         if key == "recipe":
@@ -73,7 +39,9 @@ def _add_recipe_parser(subparsers: Any, recipe: str) -> None:
         section = key.split(".")[0] if "." in key else "recipe options"
         group = groups.get(section) or parser.add_argument_group(section)
         groups[section] = group
-        default = shipped.get(key, f.default if f.default is not f.default_factory else None)
+        default = shipped.get(
+            key, f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        )
         names = [f"--{key}"]
         if key == "data.path":
             names.append("--data")
@@ -90,26 +58,34 @@ def _add_recipe_parser(subparsers: Any, recipe: str) -> None:
     parser.set_defaults(func=_run, recipe=recipe)
 
 
-def register(subparsers: Any) -> None:
-    """Add ``xling train`` with one sub-command per recipe."""
+def register(subparsers: Any, *, recipes: bool = True) -> None:
+    """Add ``xling train`` with one sub-command per recipe.
+
+    Args:
+        subparsers: the ``xling`` parser's sub-commands.
+        recipes: add the recipes' sub-commands; their options come from the recipe modules, whose import takes
+            torch, so ``xling --help`` and the other commands leave them out.
+    """
     parser = subparsers.add_parser(
         "train",
         help="train a language adapter with one of the recipes",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    recipes = parser.add_subparsers(dest="recipe_name", metavar="<recipe>")
-    for recipe in RECIPES:
-        _add_recipe_parser(recipes, recipe)
+    if recipes:
+        recipe_parsers = parser.add_subparsers(dest="recipe_name", metavar="<recipe>")
+        for recipe in RECIPES:
+            _add_recipe_parser(recipe_parsers, recipe)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from xling.train.config import TOY, load_config
+    from xling.train.config import load_config
     from xling.train.loop import NonFiniteTrainingError
     from xling.train.recipes import run_recipe
+    from xling.train.toyworld.names import TOY
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("func", "recipe", "recipe_name", "command", "config")

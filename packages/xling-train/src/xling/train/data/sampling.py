@@ -1,107 +1,162 @@
-"""A seeded, resumable sampling order and the DataLoader built on it.
+"""The seeded, sharded, resumable batch order and the DataLoaders the training loop reads.
 
-The order of epoch ``e`` is a pure function of ``(seed, e)``, so a resumed run gets the same batches:
-set the epoch, then skip the batches already consumed (``accelerator.skip_first_batches``). The
-sampler is not a ``RandomSampler``, so accelerate's ``prepare`` keeps it (wrapping it in its
-``BatchSamplerShard`` on many processes) and its ``set_epoch`` reaches it.
+The order of epoch ``e`` is a pure function of ``(seed, e)`` (:class:`EpochBatchSampler`), so a resumed run
+gets the same batches: set the epoch, then skip the batches already consumed
+(``accelerator.skip_first_batches``). Every loader draws its worker base seed from its own generator, so
+starting a fresh iterator leaves the global RNG (the one dropout draws from, restored on resume) untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from xling.train.data.collate import collate
+from xling.train.data.batch import Batch, collate_rows
+
+__all__ = ["EpochBatchSampler", "make_dataloader"]
 
 
-class SeededSampler(Sampler[int]):
-    """Indices ``0..n-1``, permuted by ``torch.randperm`` seeded with ``seed + epoch`` (or in order).
+class EpochBatchSampler(Sampler[list[int]]):
+    """Seeded, sharded batch sampler: epoch ``e`` is ``randperm(num_rows, seed + e)`` cut into global batches
+    of ``batch_size * num_replicas``; process ``rank`` takes its contiguous slice of each. The global batch is
+    thus the same for any process count, which is what makes 1-process and N-process runs agree.
 
     Args:
-        data_source: The dataset (only its length is used) or the length itself.
-        seed: Base seed; the same seed and epoch always give the same order.
-        shuffle: Permute (``True``) or keep the row order.
+        num_rows: dataset length.
+        batch_size: rows per process per batch.
+        seed: base seed of the permutation.
+        num_replicas: number of processes.
+        rank: this process.
+        shuffle: permute (``False``: dataset order, for validation).
+
+    Raises:
+        ValueError: the dataset holds fewer rows than one global batch.
     """
 
-    def __init__(self, data_source: Sized | int, *, seed: int = 0, shuffle: bool = True) -> None:
-        self.num_samples = data_source if isinstance(data_source, int) else len(data_source)
-        if self.num_samples <= 0:
-            raise ValueError(f"cannot sample from an empty dataset (length {self.num_samples})")
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        *,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if num_rows < batch_size * num_replicas:
+            raise ValueError(
+                f"the dataset has {num_rows} rows, fewer than one global batch "
+                f"(batch_size {batch_size} x {num_replicas} processes)"
+            )
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch``."""
+        """Select the permutation of ``epoch`` (the loop sets it before every epoch, resumed or not)."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+    def __len__(self) -> int:
+        # The last incomplete global batch is dropped, so every process sees the same number of batches.
+        return self.num_rows // (self.batch_size * self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            # A private generator: the order depends on (seed, epoch) only and the global RNG does not move.
+            order = torch.randperm(
+                self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            )
+        else:
+            order = torch.arange(self.num_rows)
+        per_global = self.batch_size * self.num_replicas
+        for b in range(len(self)):
+            start = b * per_global + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+
+class _IndexedStream(IterableDataset):
+    """Pairs every streamed row with a placeholder index; the loop numbers rows by stream position."""
+
+    def __init__(self, rows: IterableDataset) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for row in self.rows:
+            yield -1, row
+
+
+class _Indexed(Dataset):
+    """Adds the row index (the noise seed) to every row of ``rows``."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.rows)
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"seed", "epoch"}``: all that is needed to recreate the order."""
-        return {"seed": self.seed, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the seed and epoch saved by :meth:`state_dict`."""
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.rows[i]
 
 
 def make_dataloader(
-    dataset: Dataset[Any],
-    batch_size: int,
+    rows: Any,
     *,
-    seed: int = 0,
+    batch_size: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
     shuffle: bool = True,
-    drop_last: bool = False,
     num_workers: int = 0,
-    collate_fn: Callable[[list[Any]], Any] = collate,
-    pin_memory: bool = False,
-) -> DataLoader[Any]:
-    """A DataLoader with a :class:`SeededSampler` (map-style) and a seeded generator for workers.
+) -> DataLoader[Batch]:
+    """The DataLoader the training loop reads batches from, for training or validation.
 
-    For an :class:`~torch.utils.data.IterableDataset` (tar shards) no sampler is used; the dataset's
-    own ``seed`` and ``set_epoch`` decide the order.
+    A map-style ``rows`` (anything with ``len`` and integer indexing: a corpus, a ``Subset``, a cached
+    dataset, the toy world) is read through an :class:`EpochBatchSampler` (``loader.batch_sampler``: call
+    its ``set_epoch`` before each epoch; the last incomplete global batch is dropped), and each batch's
+    ``index`` holds the dataset row indices. An ``IterableDataset`` (tar shards) is read in stream order:
+    the stream's own ``set_epoch`` and ``rank`` / ``world_size`` decide the order and the split across
+    processes (``num_replicas``, ``rank`` and ``shuffle`` are not used), incomplete batches are dropped so
+    every micro-batch has ``batch_size`` rows, and ``index`` is ``-1`` (the loop numbers streamed rows by
+    position).
 
     Args:
-        dataset: A :class:`~xling.train.data.ParallelCorpus`, cached dataset or any dataset of dicts.
-        batch_size: Samples per batch (per process, before accelerate splits nothing further).
-        seed: Seed of the order and of the worker RNGs.
-        shuffle: Shuffle the order every epoch.
-        drop_last: Drop the last incomplete batch.
+        rows: The rows: dicts such as corpus items (``en``, ``target``, ``image`` ``[3, R, R]`` ...).
+        batch_size: Rows per process per batch (``B``).
+        seed: Seed of the order (``seed + epoch``) and of the loader's own generator (worker seeds).
+        num_replicas: Number of processes that split each global batch of ``batch_size * num_replicas``.
+        rank: This process.
+        shuffle: Permute every epoch; ``False`` keeps the dataset order (validation).
         num_workers: DataLoader worker processes.
-        collate_fn: Batch builder; :func:`~xling.train.data.collate` by default.
-        pin_memory: Pin batches for faster host-to-GPU copies.
+
+    Returns:
+        A DataLoader yielding one :class:`~xling.train.data.Batch` of ``B`` rows at a time (``index``
+        ``[B]``, ``pixels`` ``[B, 3, R, R]`` when the rows have images, ...; see
+        :func:`~xling.train.data.collate_rows`).
+
+    Raises:
+        ValueError: a map-style ``rows`` holds fewer rows than one global batch.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    # Worker seeds derive from this generator's first draw, so workers are seeded identically every run.
+    # Its own generator: a new iterator then leaves the global RNG (dropout's) where load_state put it.
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(dataset, IterableDataset):
+    if isinstance(rows, IterableDataset):
         return DataLoader(
-            dataset,
+            _IndexedStream(rows),
             batch_size=batch_size,
-            drop_last=drop_last,
+            collate_fn=collate_rows,
             num_workers=num_workers,
-            collate_fn=collate_fn,
-            pin_memory=pin_memory,
+            drop_last=True,
             generator=generator,
         )
+    sampler = EpochBatchSampler(
+        len(rows), batch_size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=shuffle
+    )
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=SeededSampler(dataset, seed=seed, shuffle=shuffle),  # type: ignore[arg-type]
-        drop_last=drop_last,
+        _Indexed(rows),
+        batch_sampler=sampler,
+        collate_fn=collate_rows,
         num_workers=num_workers,
-        collate_fn=collate_fn,
-        pin_memory=pin_memory,
         generator=generator,
-        persistent_workers=False,
     )

@@ -1,33 +1,72 @@
-"""The six recipes and :func:`run_recipe`, the one entry point the CLI and ``xling bench`` call.
+"""The recipe registry and :func:`run_recipe`, the one entry point the CLI and ``xling bench`` call.
 
-A recipe module holds a ``TrainStep`` subclass (what trains, what is tapped, which loss terms with which
-weights) and ``build(config, *, device, dtype) -> TrainStep``; ``NEEDS_IMAGES`` says whether it reads images.
+A recipe is one module: its config dataclass (the home of every default), ``SUMMARY`` (one line), ``NEEDS_IMAGES``,
+its ``TrainStep`` (what trains, what is tapped, which loss terms with which weights) and
+``build(config, *, device, dtype) -> TrainStep``. Adding one is a module and a name in :data:`RECIPES`; the
+CLI's options and summaries, bench's recipe list and the config classes all come from :func:`get_recipe`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from xling.train.config import RECIPES, TOY, RecipeConfig, load_config
-
 if TYPE_CHECKING:
+    from xling.train.config import RecipeConfig
     from xling.train.loop import RunResult
+    from xling.train.recipes.base import TrainStep
 
-__all__ = ["RECIPES", "recipe_module", "run_recipe"]
+__all__ = ["RECIPES", "Recipe", "get_recipe", "run_recipe"]
 
-logger = logging.getLogger(__name__)
+#: The recipes, each a module under ``xling.train.recipes``, in the order the CLI and the bench list them.
+RECIPES: tuple[str, ...] = ("iap", "pea", "mtn", "align", "distill", "denoise")
 
 
-def recipe_module(name: str) -> ModuleType:
-    """The module of recipe ``name`` (``xling.train.recipes.<name>``)."""
+@dataclass(frozen=True)
+class Recipe:
+    """One registered recipe, read off its module.
+
+    Attributes:
+        name: the recipe's name (its module's).
+        summary: one line for ``xling train --help``.
+        needs_images: whether it trains on images (else on captions alone).
+        config_class: its config dataclass.
+        build: ``build(config, *, device, dtype) -> TrainStep``.
+        module: the module itself.
+    """
+
+    name: str
+    summary: str
+    needs_images: bool
+    config_class: type[RecipeConfig]
+    build: Callable[..., TrainStep]
+    module: ModuleType
+
+    @classmethod
+    def from_module(cls, name: str) -> Recipe:
+        from xling.train.config import RecipeConfig
+
+        module = importlib.import_module(f"{__name__}.{name}")
+        # The module's own RecipeConfig subclass (others it imports, e.g. mixins, are defined elsewhere).
+        (config_class,) = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, RecipeConfig) and v.__module__ == module.__name__
+        ]
+        return cls(name, module.SUMMARY, bool(module.NEEDS_IMAGES), config_class, module.build, module)
+
+
+@functools.cache
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name`` (its module imported on first use); ``ValueError`` for an unknown one."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
-    return importlib.import_module(f"xling.train.recipes.{name}")
+    return Recipe.from_module(name)
 
 
 def run_recipe(
@@ -37,19 +76,21 @@ def run_recipe(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     train_data: Any | None = None,
     val_data: Any | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float], TrainStep], None] | None = None,
 ) -> RunResult:
     """Train recipe ``name`` and write its run directory; return a :class:`~xling.train.loop.RunResult`.
 
     Args:
         name: ``"iap"``, ``"pea"``, ``"mtn"``, ``"align"``, ``"distill"`` or ``"denoise"``.
-        config: a config mapping, a YAML path or a ``RecipeConfig`` (``None``: the shipped YAML defaults).
+        config: a config mapping, a YAML path or the recipe's config dataclass (``None``: its defaults and
+            shipped YAML).
         overrides: dotted keys over ``config``, as a mapping (``{"lr": 1e-4, "data.path": "x.jsonl"}``) or as
             command-line tokens (``["--lr", "1e-4"]``).
         train_data: rows to train on instead of ``config.data`` (map-style dataset of dicts with ``en``,
             ``zh``/``target`` and, for image recipes, ``image [3, H, W]`` in [-1, 1] or ``latents``).
         val_data: validation rows to go with ``train_data``.
-        on_step: callback ``(step, logs)`` after every update (main process).
+        on_step: callback ``(update, logs, step)`` after every update and its checkpoint (main process);
+            ``step.save(dir)`` writes the adapter as it stands.
 
     Returns:
         The ``RunResult``: steps, per-update losses and terms, adapter directory, config path, report files.
@@ -58,57 +99,44 @@ def run_recipe(
         ValueError: an unknown recipe or config key, or data that does not fit.
         xling.train.loop.NonFiniteTrainingError: a loss term became NaN/inf (the last checkpoint is intact).
     """
+    import torch
     from accelerate.utils import set_seed
 
+    from xling.train.config import load_config
+    from xling.train.data import load_rows
     from xling.train.loop import frozen_dtype, make_accelerator, train
 
-    module = recipe_module(name)
+    recipe = get_recipe(name)
     cfg = load_config(name, config, overrides)
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
-    step = module.build(cfg, device=accelerator.device, dtype=frozen_dtype(accelerator))
+    step = recipe.build(cfg, device=accelerator.device, dtype=frozen_dtype(accelerator))
     if train_data is None:
-        import torch
-
-        from xling.train.recipes._common import load_rows
-
-        teacher = step.frozen["teacher"]
         # Forked RNG: building a cache (VAE sampling) must not shift the RNG the training (dropout) draws from.
         with torch.random.fork_rng(devices=[]):
             train_data, val_data = load_rows(
                 cfg,
-                resolution=int(teacher.resolution),
-                with_images=bool(module.NEEDS_IMAGES),
-                teacher=teacher,
+                resolution=step.teacher.resolution,
+                with_images=recipe.needs_images,
+                teacher=step.teacher,
                 accelerator=accelerator,
             )
     result = train(step, cfg, train_data, val_data, accelerator=accelerator, on_step=on_step)
     if cfg.eval.enabled and accelerator.is_main_process and result.adapter_dir is not None:
-        result.files.update(_report(cfg, result))
-    return result
+        from xling.train.evaluation import write_run_report
+        from xling.train.toyworld.names import TOY
 
-
-def _report(cfg: RecipeConfig, result: RunResult) -> dict[str, Path]:
-    """Markdown report + PNG grid through ``xling.train.evaluation`` (toy world); {} when unavailable."""
-    try:
-        from xling.train import evaluation
-    except ImportError:
-        logger.warning("xling.train.evaluation is not available; no report written")
-        return {}
-    fn = getattr(evaluation, "write_run_report", None)
-    if fn is None:
-        logger.warning("xling.train.evaluation has no write_run_report; no report written")
-        return {}
-    return dict(
-        fn(
-            adapter_dir=result.adapter_dir,
-            output_dir=result.output_dir,
-            teacher=cfg.teacher,
-            toy=cfg.teacher == TOY,
-            num_prompts=cfg.eval.num_prompts,
-            seeds=list(cfg.eval.seeds),
-            num_inference_steps=cfg.eval.num_inference_steps,
-            guidance_scale=cfg.eval.guidance_scale,
-            max_scenes=cfg.eval.max_scenes,
+        result.files.update(
+            write_run_report(
+                adapter_dir=result.adapter_dir,
+                output_dir=result.output_dir,
+                teacher=cfg.teacher,
+                toy=cfg.teacher == TOY,
+                num_prompts=cfg.eval.num_prompts,
+                seeds=list(cfg.eval.seeds),
+                num_inference_steps=cfg.eval.num_inference_steps,
+                guidance_scale=cfg.eval.guidance_scale,
+                max_scenes=cfg.eval.max_scenes,
+            )
         )
-    )
+    return result

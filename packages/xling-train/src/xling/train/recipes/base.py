@@ -1,146 +1,19 @@
-"""What every recipe shares: the batch, the step interface the loop drives, seeded per-row noise."""
+"""The step interface the loop drives, and what every recipe's ``build`` shares."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import torch
 from torch import Tensor, nn
 
+from xling.adapters import LanguageEncoder
+from xling.core import Conditioning, Teacher
+from xling.train.config import RecipeConfig
+from xling.train.data import Batch
+from xling.train.toyworld.names import resolve_student, resolve_teacher, toy_student_variant
 
-@dataclass
-class Batch:
-    """One micro-batch of parallel rows.
-
-    Attributes:
-        en: ``B`` English captions ("" for culture-only rows).
-        zh: ``B`` target-language captions.
-        index: ``[B]`` dataset row indices (the noise seeds).
-        pixels: ``[B, 3, H, W]`` images in [-1, 1], or ``None`` (text-only data or cached latents).
-        latents: ``[B, C, h, w]`` cached VAE latents (already scaled), or ``None``.
-        culture: ``[B]`` bool, True for culture-only rows, or ``None``.
-        step: the update this batch belongs to (set by the loop; part of the noise seed).
-        extra: cached teacher conditioning of ``en`` (``prompt_embeds [B, 77, D]``,
-            ``pooled_prompt_embeds [B, P]``) when the data comes with a teacher-embedding cache.
-    """
-
-    en: list[str]
-    zh: list[str]
-    index: Tensor
-    pixels: Tensor | None = None
-    latents: Tensor | None = None
-    culture: Tensor | None = None
-    step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.zh)
-
-    def to(self, device: torch.device | str) -> Batch:
-        """A copy with every tensor on ``device``."""
-        move = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
-        return replace(
-            self,
-            index=move(self.index),
-            pixels=move(self.pixels),
-            latents=move(self.latents),
-            culture=move(self.culture),
-            extra={k: move(v) for k, v in self.extra.items()},
-        )
-
-
-_EN = ("en", "english")
-_ZH = ("zh", "target")
-_IMAGE = ("image", "pixels", "pixel_values")
-_CULTURE = ("culture_only", "culture")
-
-
-def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    for k in keys:
-        if k in row:
-            return row[k]
-    return None
-
-
-def collate_rows(items: Sequence[tuple[int, Mapping[str, Any]]]) -> Batch:
-    """Collate ``(index, row)`` pairs into a :class:`Batch`.
-
-    Rows are the items of ``xling.train.data`` corpora (``en``, ``target``, ``image``, ``culture_only``),
-    of the toy world (``en``, ``zh``, ``image``) or plain dicts; ``latents`` (a latent cache) is used when present.
-    """
-    if not items:
-        raise ValueError("collate_rows got an empty batch")
-    rows = [r for _, r in items]
-    zh = [_first(r, _ZH) for r in rows]
-    if any(z is None for z in zh):
-        raise ValueError(f"every row needs a target caption under one of {_ZH}; got keys {sorted(rows[0])}")
-    en = [_first(r, _EN) or "" for r in rows]
-    images = [_first(r, _IMAGE) for r in rows]
-    pixels = None
-    if all(isinstance(im, Tensor) for im in images):
-        pixels = torch.stack([im.float() for im in images])
-    latents = None
-    if all(isinstance(r.get("latents"), Tensor) for r in rows):
-        latents = torch.stack([r["latents"].float() for r in rows])
-    extra = {}
-    for key in ("prompt_embeds", "pooled_prompt_embeds"):  # a teacher-embedding cache's rows
-        if all(isinstance(r.get(key), Tensor) for r in rows):
-            extra[key] = torch.stack([r[key] for r in rows])
-    flags = [_first(r, _CULTURE) for r in rows]
-    culture = torch.tensor([bool(f) for f in flags]) if any(f is not None for f in flags) else None
-    return Batch(
-        en=list(en),
-        zh=list(zh),
-        index=torch.tensor([i for i, _ in items], dtype=torch.long),
-        pixels=pixels,
-        latents=latents,
-        culture=culture,
-        extra=extra,
-    )
-
-
-def row_generators(seed: int, step: int, index: Tensor, salt: str = "") -> list[torch.Generator]:
-    """One CPU generator per row, seeded by ``(seed, step, row index, salt)``.
-
-    Noise and timesteps drawn from these depend on neither the process count nor resumption, which is what
-    makes 1-process and N-process runs, and interrupted and uninterrupted runs, match.
-    """
-    gens = []
-    for i in index.tolist():
-        digest = hashlib.blake2b(f"{seed}/{step}/{i}/{salt}".encode(), digest_size=8).digest()
-        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1)))
-    return gens
-
-
-def sample_noise_and_timesteps(
-    batch: Batch,
-    latent_shape: Sequence[int],
-    *,
-    seed: int,
-    num_train_timesteps: int,
-    t_min: int = 0,
-    t_max: int | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """Per-row seeded ``noise [B, *latent_shape]`` and ``timesteps [B]`` in ``[t_min, t_max]``."""
-    t_max = num_train_timesteps - 1 if t_max is None else t_max
-    if not 0 <= t_min <= t_max < num_train_timesteps:
-        raise ValueError(
-            f"need 0 <= t_min <= t_max < {num_train_timesteps}, got t_min={t_min}, t_max={t_max}"
-        )
-    noise, steps = [], []
-    for g in row_generators(seed, batch.step, batch.index):
-        noise.append(torch.randn(tuple(latent_shape), generator=g))
-        steps.append(int(torch.randint(t_min, t_max + 1, (1,), generator=g)))
-    return (
-        torch.stack(noise).to(device=device, dtype=dtype),
-        torch.tensor(steps, dtype=torch.long, device=device),
-    )
+ConfigT = TypeVar("ConfigT", bound=RecipeConfig)
 
 
 def _eval_frozen_subtrees(module: nn.Module) -> None:
@@ -154,20 +27,31 @@ def _eval_frozen_subtrees(module: nn.Module) -> None:
             _eval_frozen_subtrees(child)
 
 
-class TrainStep(nn.Module):
+class TrainStep(nn.Module, Generic[ConfigT]):
     """Base of the recipes' steps: registered parameters are what trains and what checkpoints hold.
 
-    Frozen parts that must not be checkpointed (the teacher) are kept in ``self.frozen`` (a plain dict, so
-    ``nn.Module`` does not register them). Submodules without trainable parameters stay in eval mode when the
-    loop calls ``train()`` (no dropout in a frozen encoder).
+    The frozen teacher is kept in ``self.frozen`` (a plain dict, so ``nn.Module`` neither registers nor
+    checkpoints it). Submodules without trainable parameters stay in eval mode when the loop calls ``train()``
+    (no dropout in a frozen encoder).
 
-    Subclasses implement ``forward(batch) -> (total, logs)`` and ``save(output_dir) -> {name: path}`` (the
-    ``"adapter"`` entry is the ``LanguageEncoder`` directory).
+    Subclasses implement ``forward(batch) -> (total, logs)``; :meth:`save` writes the adapter, and a recipe that
+    trains more than the encoder extends it.
+
+    Args:
+        encoder: the student text path (student encoder + head), trainable as the recipe set it.
+        teacher: the frozen teacher.
+        config: the recipe's resolved config.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: LanguageEncoder, teacher: Teacher, config: ConfigT) -> None:
         super().__init__()
-        self.frozen: dict[str, Any] = {}
+        self.encoder = encoder
+        self.frozen: dict[str, Any] = {"teacher": teacher}
+        self.config = config
+
+    @property
+    def teacher(self) -> Teacher:
+        return self.frozen["teacher"]
 
     def train(self, mode: bool = True) -> TrainStep:
         super().train(mode)
@@ -175,8 +59,53 @@ class TrainStep(nn.Module):
             _eval_frozen_subtrees(self)
         return self
 
+    def english(self, batch: Batch) -> Conditioning:
+        """The teacher's conditioning of ``batch.en`` (``prompt_embeds [B, 77, D]``, + pooled for SDXL): read from
+        the teacher-embedding cache when the rows carry it, else encoded now."""
+        if "prompt_embeds" in batch.extra:
+            pooled = batch.extra.get("pooled_prompt_embeds")
+            return Conditioning(batch.extra["prompt_embeds"], pooled).to(self.teacher.dtype)
+        return self.teacher.encode(batch.en)
+
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def save(self, output_dir: Path) -> dict[str, Path]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def save(self, output_dir: str | Path) -> dict[str, Path]:
+        """Write the encoder to ``output_dir/adapter`` (the ``xling-adapters`` format); ``{"adapter": path}``.
+
+        A toy student is copied in even when frozen: it lives inside the installed package, so the path a frozen
+        student is recorded by would not survive a reinstall or a copy of the adapter to another machine.
+        """
+        path = Path(output_dir) / "adapter"
+        include = toy_student_variant(self.config.student) is not None
+        self.encoder.save_pretrained(path, include_student=include)
+        return {"adapter": path}
+
+
+def load_teacher(config: RecipeConfig, *, device: Any, dtype: Any) -> Teacher:
+    """The frozen teacher ``config.teacher`` names (``"toy"``: the committed one), in ``dtype`` on ``device``."""
+    return Teacher.from_pretrained(resolve_teacher(config.teacher), dtype=dtype, device=device)
+
+
+def head_widths(teacher: Teacher, student: str) -> dict[str, Any]:
+    """The ``HeadConfig`` width fields that fit ``teacher`` and the student ``student`` names (read from the
+    student's config, no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_student(student)
+    student_config = AutoConfig.from_pretrained(path)
+    width = getattr(student_config, "hidden_size", None) or getattr(student_config, "d_model", None)
+    if width is None:
+        raise ValueError(f"cannot read the hidden width of student {student!r} from its config")
+    return {
+        "student_width": int(width),
+        "teacher_width": teacher.cross_attention_dim,
+        "teacher_family": teacher.family,
+        "pooled_width": teacher.pooled_dim,
+        "student_model": path,
+    }
+
+
+def student_encoder(config: RecipeConfig, head: nn.Module, **kwargs: Any) -> LanguageEncoder:
+    """A :class:`~xling.adapters.LanguageEncoder` on the student ``config.student`` names, with ``head``."""
+    return LanguageEncoder.from_student(resolve_student(config.student), head, **kwargs)

@@ -9,65 +9,76 @@ student (AltDiffusion stage 2; saved as a small safetensors file of those weight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
-from xling.train.config import DenoiseConfig
-from xling.train.recipes import _common
-from xling.train.recipes.base import Batch, TrainStep
+from xling.adapters import LanguageEncoder, LinearHead, LinearHeadConfig
+from xling.core import Teacher
+from xling.losses import denoising, weighted_sum
+from xling.train.config import NoisedImagesConfig, RecipeConfig, option
+from xling.train.data import Batch
+from xling.train.noise import noisy_latents
+from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
+SUMMARY = "plain denoising loss on the student, the cross-attention K/V or the UNet (needs images)"
 NEEDS_IMAGES = True
 
 #: Name fragments of the parameters ``trainable="kv"`` trains: the cross-attention key/value projections.
 KV_SUFFIXES = ("attn2.to_k.weight", "attn2.to_k.bias", "attn2.to_v.weight", "attn2.to_v.bias")
 
 
-class DenoiseStep(TrainStep):
+@dataclass
+class DenoiseConfig(NoisedImagesConfig, RecipeConfig):
+    """The plain denoising loss on a chosen trainable part: the student (Taiyi / "original loss" baseline),
+    the cross-attention K/V (AltDiffusion stage 2) or the whole UNet."""
+
+    lr: float = option(5e-5, "Peak learning rate (IAP's, so the two losses compare on equal terms).")
+    trainable: Literal["student", "kv", "unet"] = option(
+        "student", "'student', 'kv' (attn2 to_k/to_v only) or 'unet'."
+    )
+    adapter: str | None = option(
+        None, "Adapter directory to start from (kv/unet: the frozen stage-1 student)."
+    )
+    snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is usual; None: plain MSE).")
+
+
+class DenoiseStep(TrainStep[DenoiseConfig]):
     """Trainable: the student (+ head), the cross-attention K/V, or the whole UNet."""
 
-    def __init__(self, encoder: torch.nn.Module, teacher: object, config: DenoiseConfig) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.frozen["teacher"] = teacher
-        if config.trainable == "student":
-            self.frozen["unet"] = teacher.unet
-        else:
+    def __init__(self, encoder: LanguageEncoder, teacher: Teacher, config: DenoiseConfig) -> None:
+        super().__init__(encoder, teacher, config)
+        if config.trainable != "student":
             self.unet = teacher.unet  # registered: it trains (and is checkpointed)
-        self.config = config
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        from xling.losses import denoising, weighted_sum
-
-        teacher, c = self.frozen["teacher"], self.config
-        unet = teacher.unet
-        z0, noise, t, z_t = _common.noisy_latents(teacher, batch, c)
+        teacher, c = self.teacher, self.config
+        z0, noise, t, z_t = noisy_latents(
+            teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
+        )
         student = self.encoder(batch.zh)
-        dtype = _common.unet_dtype(teacher)
-        pred = unet(
-            z_t.to(dtype),
-            t,
-            encoder_hidden_states=student.prompt_embeds.to(dtype),
-            encoder_attention_mask=_common.student_mask(c, student),
-            **_common.unet_kwargs(teacher, len(batch), student.pooled_prompt_embeds, dtype),
-        ).sample
+        pred = teacher.denoise(
+            z_t, t, student, attention_mask=student.attention_mask if c.student_padding_mask else None
+        )
         loss = denoising(
             pred.float(),
             noise=noise,
             sample=z0,
             timesteps=t,
             alphas_cumprod=teacher.scheduler.alphas_cumprod,
-            prediction_type=teacher.scheduler.config.prediction_type,
+            prediction_type=teacher.prediction_type,
             snr_gamma=c.snr_gamma,
         )
         return weighted_sum({"denoise": loss}, require_finite=True)
 
-    def save(self, output_dir: Path) -> dict[str, Path]:
-        from safetensors.torch import save_file
-
+    def save(self, output_dir: str | Path) -> dict[str, Path]:
+        """The adapter, plus ``cross_attention_kv.safetensors`` (``kv``) or the UNet folder ``unet/`` (``unet``)."""
         output_dir = Path(output_dir)
-        files = {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
+        files = super().save(output_dir)
         if self.config.trainable == "kv":
             weights = {
                 n: p.detach().float().cpu().contiguous()
@@ -86,24 +97,21 @@ class DenoiseStep(TrainStep):
 
 def build(config: DenoiseConfig, *, device: torch.device, dtype: torch.dtype) -> DenoiseStep:
     """Teacher (frozen but for the chosen part); student + ``LinearHead`` or a trained adapter (``adapter``)."""
-    from xling.adapters import LanguageEncoder, LinearHead, LinearHeadConfig
-
     trains_unet = config.trainable != "student"
     # A UNet that trains keeps fp32 master weights; only the rest of the teacher runs in the half dtype.
-    teacher = _common.load_teacher(config, device=device, dtype=torch.float32 if trains_unet else dtype)
+    teacher = load_teacher(config, device=device, dtype=torch.float32 if trains_unet else dtype)
     if config.adapter is not None:
         encoder = LanguageEncoder.from_pretrained(config.adapter)
     else:
-        encoder = _common.build_encoder(
-            config, LinearHead(LinearHeadConfig(**_common.head_widths(teacher, config.student)))
-        )
-    _common.set_backbone_trainable(encoder, config.trainable == "student")
+        head = LinearHead(LinearHeadConfig(**head_widths(teacher, config.student)))
+        encoder = student_encoder(config, head)
     if trains_unet:
-        for p in encoder.parameters():
-            p.requires_grad_(False)
+        encoder.requires_grad_(False)  # stage 2: the (possibly fine-tuned) stage-1 student stays as it is
         for name, p in teacher.unet.named_parameters():
             p.requires_grad_(config.trainable == "unet" or name.endswith(KV_SUFFIXES))
         teacher.unet.train()
         for module in (teacher.vae, *teacher.text_encoders):
             module.to(dtype)
+    else:
+        encoder.set_trainable(backbone=True)
     return DenoiseStep(encoder, teacher, config)

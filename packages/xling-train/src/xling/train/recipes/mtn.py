@@ -12,38 +12,53 @@ translator to fool it, with one optimizer.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from xling.train.config import MTNConfig
-from xling.train.recipes import _common
-from xling.train.recipes.base import Batch, TrainStep
+from xling.adapters import LanguageEncoder, MixerTranslator, MixerTranslatorConfig
+from xling.core import Teacher
+from xling.losses import SequenceDiscriminator, discriminator_loss, grad_reverse, reconstruction, weighted_sum
+from xling.train.config import RecipeConfig, option
+from xling.train.data import Batch
+from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
+SUMMARY = "MTN / GlueNet: frozen student + mixer translator, MSE + reconstruction + adversarial (text)"
 NEEDS_IMAGES = False
 
 
-class MTNStep(TrainStep):
+@dataclass
+class MTNConfig(RecipeConfig):
+    """MTN / GlueNet: frozen student + mixer translator with a decoder; MSE to the teacher embeddings,
+    reconstruction and an adversarial term (Qin et al., 2023)."""
+
+    batch_size: int = option(32, "Rows per process per micro-batch (text only: cheap rows).")
+    mse_weight: float = option(1.0, "Weight of the MSE to the teacher embeddings.")
+    reconstruction_weight: float = option(1.0, "Weight of the reconstruction through the decoder.")
+    adversarial_weight: float = option(
+        0.1, "Weight of the adversarial term (gradient reversal into the translator)."
+    )
+    grl_scale: float = option(1.0, "Gradient-reversal scale between the translator and the discriminator.")
+    num_blocks: int | None = option(None, "Mixer blocks (None: the translator's default, GlueNet's 5).")
+
+
+class MTNStep(TrainStep[MTNConfig]):
     """Trainable: the translator (encoder + decoder) and the discriminator."""
 
     def __init__(
-        self, encoder: torch.nn.Module, teacher: object, config: MTNConfig, discriminator: torch.nn.Module
-    ):
-        super().__init__()
-        self.encoder = encoder
+        self, encoder: LanguageEncoder, teacher: Teacher, config: MTNConfig, discriminator: nn.Module
+    ) -> None:
+        super().__init__(encoder, teacher, config)
         self.discriminator = discriminator
-        self.frozen["teacher"] = teacher
-        self.config = config
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        from xling.losses import discriminator_loss, grad_reverse, reconstruction, weighted_sum
-
-        teacher, c = self.frozen["teacher"], self.config
+        c = self.config
         translator = self.encoder.head
         with torch.no_grad():
-            cond = _common.teacher_conditioning(teacher, batch)
-            target = cond.prompt_embeds.float()  # [B, 77, D]
+            english = self.english(batch)
+            target = english.prompt_embeds.float()  # [B, 77, D]
             student = self.encoder.encode(batch.zh)  # hidden_states [B, L, d] (frozen)
         hidden = student.hidden_states.float()
         out = translator(hidden, student.attention_mask)  # prompt_embeds [B, 77, D]
@@ -52,14 +67,14 @@ class MTNStep(TrainStep):
         real = self.discriminator(target)
         fake = self.discriminator(grad_reverse(out.prompt_embeds, c.grl_scale))
         terms = {
-            "mse": torch.nn.functional.mse_loss(out.prompt_embeds, target),
+            "mse": F.mse_loss(out.prompt_embeds, target),
             "reconstruction": reconstruction(source, recon, source_mask),
             "adversarial": discriminator_loss(real, fake),
         }
-        if cond.pooled_prompt_embeds is not None and out.pooled_prompt_embeds is not None:
+        if english.pooled_prompt_embeds is not None and out.pooled_prompt_embeds is not None:
             # SDXL: the translator's pooled projection feeds the UNet's added conditions; match it too.
-            terms["pooled"] = torch.nn.functional.mse_loss(
-                out.pooled_prompt_embeds.float(), cond.pooled_prompt_embeds.float()
+            terms["pooled"] = F.mse_loss(
+                out.pooled_prompt_embeds.float(), english.pooled_prompt_embeds.float()
             )
         weights = {
             "mse": c.mse_weight,
@@ -68,31 +83,17 @@ class MTNStep(TrainStep):
         }
         return weighted_sum(terms, weights, require_finite=True)
 
-    def save(self, output_dir: Path) -> dict[str, Path]:
-        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
-
 
 def build(config: MTNConfig, *, device: torch.device, dtype: torch.dtype) -> MTNStep:
     """Teacher text encoder (frozen), frozen student + ``MixerTranslator`` (fp32) + ``SequenceDiscriminator``."""
-    from xling.adapters import MixerTranslator, MixerTranslatorConfig
-    from xling.losses import SequenceDiscriminator
-
-    teacher = _common.load_teacher(config, device=device, dtype=dtype)
-    widths = _common.head_widths(teacher, config.student)
-    extra = {"depth": config.num_blocks} if config.num_blocks is not None else {}
-    target_length = int(teacher.tokenizers[0].model_max_length)
-    head = MixerTranslator(
-        MixerTranslatorConfig(
-            **widths,
-            # The encoder pads every window to at most 77 tokens; the translator pads that to 77.
-            source_length=77,
-            target_length=target_length,
-            **extra,
-        )
+    teacher = load_teacher(config, device=device, dtype=dtype)
+    widths = head_widths(teacher, config.student)
+    depth = {"depth": config.num_blocks} if config.num_blocks is not None else {}
+    translator = MixerTranslator(
+        # The encoder pads every window to at most 77 tokens; the translator pads that to 77.
+        MixerTranslatorConfig(**widths, source_length=77, target_length=teacher.max_length, **depth)
     )
-    encoder = _common.build_encoder(config, head)
-    _common.set_backbone_trainable(encoder, False)
-    discriminator = SequenceDiscriminator(
-        widths["teacher_width"], hidden_dim=min(256, 4 * widths["teacher_width"])
-    )
-    return MTNStep(encoder, teacher, config, discriminator)
+    encoder = student_encoder(config, translator)
+    encoder.set_trainable(backbone=False)
+    width = widths["teacher_width"]
+    return MTNStep(encoder, teacher, config, SequenceDiscriminator(width, hidden_dim=min(256, 4 * width)))

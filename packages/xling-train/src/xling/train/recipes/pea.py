@@ -11,61 +11,62 @@ denoising loss of the student-conditioned prediction instead.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from xling.train.config import PEAConfig
-from xling.train.recipes import _common
-from xling.train.recipes.base import Batch, TrainStep
+from xling.adapters import MLPAdapter, MLPAdapterConfig
+from xling.core import Conditioning, FeatureTap
+from xling.losses import denoising, feature_kd, output_kd, weighted_sum
+from xling.train.config import NoisedImagesConfig, RecipeConfig, option
+from xling.train.data import Batch
+from xling.train.noise import noisy_latents
+from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
+SUMMARY = "PEA-Diffusion: frozen student + MLP adapter, UNet feature + output KD (needs images)"
 NEEDS_IMAGES = True
 
 
-class PEAStep(TrainStep):
+@dataclass
+class PEAConfig(NoisedImagesConfig, RecipeConfig):
+    """PEA-Diffusion: frozen student + MLP adapter, UNet feature KD + output KD (Ma et al., 2023)."""
+
+    feature_weight: float = option(0.1, "lambda_F, weight of the UNet feature KD (PEA paper: 0.1).")
+    output_weight: float = option(1.0, "lambda_L, weight of the noise-prediction KD (PEA paper: 1.0).")
+    hybrid: bool = option(False, "Culture-only rows use the plain denoising loss instead of KD.")
+    denoise_weight: float = option(1.0, "Weight of the denoising loss on culture-only rows (--hybrid).")
+    adapter_hidden: int | None = option(None, "MLP adapter hidden width (None: the student width).")
+
+
+class PEAStep(TrainStep[PEAConfig]):
     """Trainable: the MLP adapter only (the student encoder is frozen)."""
 
-    def __init__(self, encoder: torch.nn.Module, teacher: object, config: PEAConfig) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.frozen["teacher"] = teacher
-        self.config = config
-
-    def _unet(self, z_t: Tensor, t: Tensor, embeds: Tensor, mask: Tensor | None, pooled: Tensor | None):
-        from xling.core import FeatureTap
-
-        teacher = self.frozen["teacher"]
-        dtype = _common.unet_dtype(teacher)
-        with FeatureTap(teacher.unet) as tap:
-            pred = teacher.unet(
-                z_t.to(dtype),
-                t,
-                encoder_hidden_states=embeds.to(dtype),
-                encoder_attention_mask=mask,
-                **_common.unet_kwargs(teacher, z_t.shape[0], pooled, dtype),
-            ).sample
+    def _denoise(
+        self, z_t: Tensor, t: Tensor, conditioning: Conditioning, mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Noise prediction ``[B, C, h, w]`` and the tapped block outputs, in fp32."""
+        with FeatureTap(self.teacher.unet) as tap:
+            pred = self.teacher.denoise(z_t, t, conditioning, attention_mask=mask)
             features = tap.take()
         return pred.float(), {k: v.float() for k, v in features.items()}
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        from xling.losses import denoising, feature_kd, output_kd, weighted_sum
-
-        teacher, c = self.frozen["teacher"], self.config
+        teacher, c = self.teacher, self.config
         with torch.no_grad():
-            cond = _common.teacher_conditioning(teacher, batch)
-            z0, noise, t, z_t = _common.noisy_latents(teacher, batch, c)
-            pred_t, feats_t = self._unet(z_t, t, cond.prompt_embeds, None, cond.pooled_prompt_embeds)
+            english = self.english(batch)
+            z0, noise, t, z_t = noisy_latents(
+                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
+            )
+            pred_t, feats_t = self._denoise(z_t, t, english, None)
         student = self.encoder(batch.zh)
-        pred_s, feats_s = self._unet(
-            z_t, t, student.prompt_embeds, _common.student_mask(c, student), student.pooled_prompt_embeds
+        pred_s, feats_s = self._denoise(
+            z_t, t, student, student.attention_mask if c.student_padding_mask else None
         )
 
-        culture = (
-            batch.culture
-            if (c.hybrid and batch.culture is not None)
-            else torch.zeros(len(batch), dtype=torch.bool)
-        )
+        culture = torch.zeros(len(batch), dtype=torch.bool)
+        if c.hybrid and batch.culture is not None:
+            culture = batch.culture
         culture = culture.to(pred_s.device)
         kd = ~culture
         terms: dict[str, Tensor] = {}
@@ -83,27 +84,17 @@ class PEAStep(TrainStep):
                 sample=z0[culture],
                 timesteps=t[culture],
                 alphas_cumprod=teacher.scheduler.alphas_cumprod,
-                prediction_type=teacher.scheduler.config.prediction_type,
+                prediction_type=teacher.prediction_type,
             )
             weights["denoise"] = c.denoise_weight
         return weighted_sum(terms, weights, require_finite=True)
 
-    def save(self, output_dir: Path) -> dict[str, Path]:
-        return {"adapter": _common.save_adapter(self.config, self.encoder, output_dir)}
-
 
 def build(config: PEAConfig, *, device: torch.device, dtype: torch.dtype) -> PEAStep:
     """Teacher (frozen), frozen student + ``MLPAdapter`` (fp32)."""
-    from xling.adapters import MLPAdapter, MLPAdapterConfig
-
-    teacher = _common.load_teacher(config, device=device, dtype=dtype)
-    widths = _common.head_widths(teacher, config.student)
-    extra = (
-        {"hidden_width": config.adapter_hidden}
-        if config.adapter_hidden
-        else {"hidden_width": widths["student_width"]}
-    )
-    head = MLPAdapter(MLPAdapterConfig(**widths, **extra))
-    encoder = _common.build_encoder(config, head)
-    _common.set_backbone_trainable(encoder, False)
+    teacher = load_teacher(config, device=device, dtype=dtype)
+    widths = head_widths(teacher, config.student)
+    hidden = config.adapter_hidden or widths["student_width"]
+    encoder = student_encoder(config, MLPAdapter(MLPAdapterConfig(**widths, hidden_width=hidden)))
+    encoder.set_trainable(backbone=False)
     return PEAStep(encoder, teacher, config)

@@ -9,69 +9,59 @@ Example:
     True
 """
 
-from xling.train.toyworld.sampling import evaluate_teacher, generate, image_grid, scene_seeds
-from xling.train.toyworld.teacher import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    TeacherConfig,
-    build_identity_vae,
-    build_scheduler,
-    build_text_encoder,
-    build_unet,
-    english_words,
-    teacher_path,
-    write_tokenizer,
-)
-from xling.train.toyworld.world import (
-    BACKGROUND,
-    COLORS,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    Obj,
-    Scene,
-    ToyWorldDataset,
-    all_pair_scenes,
-    all_scenes,
-    all_single_scenes,
-    caption_en,
-    caption_zh,
-    check,
-    evaluate_accuracy,
-    is_heldout,
-    render,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BACKGROUND",
-    "COLORS",
-    "DEFAULT_GUIDANCE",
-    "DEFAULT_STEPS",
-    "PALETTE",
-    "POSITIONS",
-    "SHAPES",
-    "Obj",
-    "Scene",
-    "TeacherConfig",
-    "ToyWorldDataset",
-    "all_pair_scenes",
-    "all_scenes",
-    "all_single_scenes",
-    "build_identity_vae",
-    "build_scheduler",
-    "build_text_encoder",
-    "build_unet",
-    "caption_en",
-    "caption_zh",
-    "check",
-    "english_words",
-    "evaluate_accuracy",
-    "evaluate_teacher",
-    "generate",
-    "image_grid",
-    "is_heldout",
-    "render",
-    "scene_seeds",
-    "teacher_path",
-    "write_tokenizer",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BACKGROUND": "xling.train.toyworld.world",
+    "COLORS": "xling.train.toyworld.world",
+    "DEFAULT_GUIDANCE": "xling.train.toyworld.teacher",
+    "DEFAULT_STEPS": "xling.train.toyworld.teacher",
+    "Obj": "xling.train.toyworld.world",
+    "PALETTE": "xling.train.toyworld.world",
+    "POSITIONS": "xling.train.toyworld.world",
+    "SHAPES": "xling.train.toyworld.world",
+    "Scene": "xling.train.toyworld.world",
+    "TOY": "xling.train.toyworld.names",
+    "TOY_STUDENTS": "xling.train.toyworld.names",
+    "TeacherConfig": "xling.train.toyworld.teacher",
+    "ToyWorldDataset": "xling.train.toyworld.world",
+    "all_pair_scenes": "xling.train.toyworld.world",
+    "all_scenes": "xling.train.toyworld.world",
+    "all_single_scenes": "xling.train.toyworld.world",
+    "build_identity_vae": "xling.train.toyworld.teacher",
+    "build_scheduler": "xling.train.toyworld.teacher",
+    "build_text_encoder": "xling.train.toyworld.teacher",
+    "build_unet": "xling.train.toyworld.teacher",
+    "caption_en": "xling.train.toyworld.world",
+    "caption_zh": "xling.train.toyworld.world",
+    "check": "xling.train.toyworld.world",
+    "english_words": "xling.train.toyworld.teacher",
+    "evaluate_accuracy": "xling.train.toyworld.world",
+    "evaluate_teacher": "xling.train.toyworld.sampling",
+    "generate": "xling.train.toyworld.sampling",
+    "image_grid": "xling.train.toyworld.sampling",
+    "is_heldout": "xling.train.toyworld.world",
+    "render": "xling.train.toyworld.world",
+    "resolve_student": "xling.train.toyworld.names",
+    "resolve_teacher": "xling.train.toyworld.names",
+    "scene_seeds": "xling.train.toyworld.sampling",
+    "teacher_path": "xling.train.toyworld.teacher",
+    "toy_student_variant": "xling.train.toyworld.names",
+    "write_tokenizer": "xling.train.toyworld.teacher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `xling --help` and the configs can name the toy world without importing torch.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xling.train.toyworld' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from xling.train.config import TOY_STUDENTS
+from xling.train.toyworld.names import TOY_STUDENTS
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -104,7 +104,7 @@ def student_path(variant: str = "pretrained") -> Path:
     """Directory of a committed toy student, loadable with ``AutoModel`` / ``AutoTokenizer``.
 
     Args:
-        variant: One of :data:`xling.train.config.TOY_STUDENTS`: ``"pretrained"`` (MLM), ``"random"`` (the
+        variant: One of :data:`xling.train.toyworld.TOY_STUDENTS`: ``"pretrained"`` (MLM), ``"random"`` (the
             initialisation) or ``"aligned"`` (MLM, then aligned to the toy teacher's text encoder).
 
     Returns:

@@ -93,7 +93,7 @@ def english_words() -> list[str]:
     return sorted(words)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-to-printable-character table."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -133,7 +133,7 @@ def write_tokenizer(directory: Path, max_length: int = 77) -> CLIPTokenizer:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     symbols = list(table.values())
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []

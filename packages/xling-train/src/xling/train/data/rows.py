@@ -1,0 +1,205 @@
+"""From a path to a corpus (:func:`load_corpus`), and from a recipe config to the rows a run trains on
+(:func:`load_rows`).
+
+Which reader a path gets is decided once, here: table files (``.jsonl``, ``.csv``, ``.tsv``,
+``.parquet``) give a map-style :class:`~xling.train.data.ParallelCorpus`, tar shards (or a brace pattern of
+them) a streamed :class:`~xling.train.data.TarShardCorpus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch.utils.data import IterableDataset, Subset
+
+from xling.train.config import TOY
+from xling.train.data.corpus import ColumnMap, ParallelCorpus, columns_from
+from xling.train.data.errors import OnBadRow
+from xling.train.data.images import CropPolicy
+from xling.train.data.shards import TarShardCorpus
+
+if TYPE_CHECKING:
+    from xling.train.config import RecipeConfig
+
+__all__ = ["load_corpus", "load_rows"]
+
+logger = logging.getLogger(__name__)
+
+#: Suffixes of the table files a directory is searched for (``.json`` is read only when named).
+_DIRECTORY_TABLES = (".jsonl", ".csv", ".tsv", ".parquet")
+
+
+def _is_tar(path: str) -> bool:
+    """Whether ``path`` names a tar shard or a brace pattern of shards (``shard-{000000..000009}.tar``)."""
+    return path.endswith((".tar", ".tar.gz", ".tgz")) or "{" in path
+
+
+def _corpus_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The files (or brace patterns) ``path`` stands for: itself, the list, or a directory's table files
+    (sorted), else its tar shards when it holds no table file."""
+    paths = [os.fspath(path)] if isinstance(path, str | os.PathLike) else [os.fspath(p) for p in path]
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        folder = Path(paths[0])
+        tables = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _DIRECTORY_TABLES)
+        paths = tables or sorted(str(p) for p in folder.iterdir() if _is_tar(str(p)))
+        if not paths:
+            raise FileNotFoundError(f"no corpus files (.jsonl, .csv, .tsv, .parquet, .tar) in {folder}")
+    return paths
+
+
+def _streams(paths: Sequence[str]) -> bool:
+    """Whether ``paths`` open as tar shards (streamed); mixing shards and table files is an error."""
+    if all(_is_tar(p) for p in paths):
+        return True
+    if any(_is_tar(p) for p in paths):
+        raise ValueError(f"cannot mix tar shards and table files in one corpus: {paths}")
+    return False
+
+
+def load_corpus(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    columns: ColumnMap | Mapping[str, str | None] | None = None,
+    image_root: str | os.PathLike[str] | None = None,
+    on_bad_row: OnBadRow = "skip",
+    resolution: int | None = None,
+    crop: CropPolicy = "center",
+    seed: int = 0,
+    with_images: bool | None = None,
+    **kwargs: object,
+) -> ParallelCorpus | TarShardCorpus:
+    """Open a parallel corpus, choosing the reader from the path.
+
+    ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files (or a list of them) give a map-style
+    :class:`ParallelCorpus`; ``.tar`` shards or a brace pattern (``shard-{000000..000009}.tar``) give a
+    streamed :class:`TarShardCorpus`; a directory gives the table files in it (sorted), or its tar
+    shards when it holds no table file. Items carry ``image`` ``[3, R, R]`` in [-1, 1] when
+    ``resolution`` is given (see the corpus classes).
+
+    Args:
+        path: A file, a brace pattern, a directory, or a list of files.
+        columns: A :class:`ColumnMap` or a mapping such as ``{"en": "english", "target": "chinese"}``.
+        image_root: Folder for relative image paths (table files only).
+        on_bad_row: ``"skip"`` (count, see ``.report``) or ``"fail"`` (raise :class:`DataError`).
+        resolution: Load images at this size (the teacher's resolution); ``None``: text only.
+        crop: ``"center"`` or ``"random"`` (seeded per row).
+        seed: Seed of random crops (and of the shard order for tar shards).
+        with_images: Require images (``True``), ignore them (``False``), or decide from the data (``None``).
+        **kwargs: Passed on to the corpus class (e.g. ``verify_images``, ``shuffle_buffer``).
+
+    Returns:
+        The corpus.
+
+    Raises:
+        FileNotFoundError: a directory holds no corpus file, or a file is missing.
+        ValueError: tar shards and table files are mixed.
+    """
+    column_map = columns_from(columns)
+    paths = _corpus_files(path)
+    # Both readers take the same options; only table files have an image root.
+    options: dict[str, Any] = {
+        "columns": column_map,
+        "on_bad_row": on_bad_row,
+        "resolution": resolution,
+        "crop": crop,
+        "seed": seed,
+        "with_images": with_images,
+        **kwargs,
+    }
+    if _streams(paths):
+        return TarShardCorpus(paths, **options)
+    return ParallelCorpus(paths, image_root=image_root, **options)
+
+
+def load_rows(
+    config: RecipeConfig,
+    *,
+    resolution: int | None,
+    with_images: bool,
+    teacher: Any | None = None,
+    accelerator: Any | None = None,
+) -> tuple[Any, Any]:
+    """``(train_rows, val_rows)``: the toy world's generated pairs, or a corpus file whose first
+    ``min(val_samples, 10%)`` rows are held out; with ``data.latent_cache`` / ``data.embedding_cache`` (and a
+    ``teacher``) the rows carry cached latents / teacher embeddings, built once on the main process.
+
+    Args:
+        config: The recipe config; ``config.data`` names the corpus, its columns and caches.
+        resolution: Image size ``R`` of the rows' ``image`` ``[3, R, R]`` (the teacher's); the toy world
+            uses 32 when ``None``.
+        with_images: Whether the recipe needs images (else the image column is ignored).
+        teacher: The frozen teacher, needed to build the caches.
+        accelerator: The run's ``accelerate.Accelerator``: tar shards are split by its process index, and
+            the caches are built on the main process first.
+
+    Returns:
+        Map-style training and validation rows, or a streamed corpus and ``None`` for tar shards.
+
+    Raises:
+        ValueError: a cache is asked for tar shards.
+    """
+    data = config.data
+    if data.path == TOY:
+        from xling.train.toyworld import ToyWorldDataset
+
+        # Training pairs come from the training scenes; validation from the held-out combinations.
+        size = int(resolution or 32)
+        return (
+            ToyWorldDataset("train", size=size, seed=config.seed, length=data.num_samples),
+            ToyWorldDataset("heldout", size=size, seed=config.seed + 1, length=max(1, data.val_samples)),
+        )
+    streamed_kwargs: dict[str, Any] = {}
+    if accelerator is not None and _streams(_corpus_files(data.path)):
+        # Each process reads its own shards; a map-style corpus is split by the batch sampler instead.
+        streamed_kwargs = {"rank": accelerator.process_index, "world_size": accelerator.num_processes}
+    corpus = load_corpus(
+        data.path,
+        columns={
+            "en": data.en_column,
+            "target": data.zh_column,
+            "image": data.image_column if with_images else None,
+            "culture_only": data.culture_column if getattr(config, "hybrid", False) else None,
+        },
+        on_bad_row=data.on_bad_row,
+        resolution=resolution if with_images else None,
+        seed=config.seed,
+        with_images=with_images,
+        **streamed_kwargs,
+    )
+    report = getattr(corpus, "report", None)
+    if report is not None and getattr(report, "total", 0):
+        logger.warning("%s", report.summary())
+    if isinstance(corpus, IterableDataset):
+        if data.latent_cache or data.embedding_cache:
+            raise ValueError("data.latent_cache / data.embedding_cache need a table corpus, not tar shards")
+        return corpus, None
+    if (data.latent_cache or data.embedding_cache) and teacher is not None:
+        corpus = _cached(corpus, config, teacher, accelerator, with_images=with_images)
+    n_val = min(data.val_samples, max(0, len(corpus) // 10))
+    return Subset(corpus, range(n_val, len(corpus))), Subset(corpus, range(n_val))
+
+
+def _cached(
+    corpus: Any, config: RecipeConfig, teacher: Any, accelerator: Any | None, *, with_images: bool
+) -> Any:
+    """Wrap ``corpus`` in ``xling.train.cache.CachedDataset`` with the caches ``config.data`` names."""
+    from contextlib import nullcontext
+
+    from xling.train.cache import CachedDataset, LatentCache, TextEmbeddingCache
+
+    first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+    latents = text = None
+    with first:
+        if config.data.latent_cache and with_images:
+            latents = LatentCache.load_or_build(config.data.latent_cache, corpus, teacher)
+            logger.info("latent cache %s: %s", config.data.latent_cache, latents.status)
+        if config.data.embedding_cache:
+            text = TextEmbeddingCache.load_or_build(
+                config.data.embedding_cache, corpus.captions("en"), teacher
+            )
+            logger.info("teacher-embedding cache %s: %s", config.data.embedding_cache, text.status)
+    return CachedDataset(corpus, latents=latents, text=text)

@@ -1,0 +1,189 @@
+"""Scores of a student against its teacher: latent MSE, PSNR, embedding and attention alignment, CLIP score."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xling.adapters.head import masked_mean
+from xling.core import Conditioning, PivotTap, Teacher
+from xling.losses import attention_mse
+from xling.train.evaluation.results import Samples
+
+
+def latent_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample mean squared difference of two latent batches.
+
+    Args:
+        a: ``[B, ...]``.
+        b: Same shape as ``a``.
+
+    Returns:
+        ``[B]`` float32: ``mean((a - b)^2)`` over every non-batch element.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"latents differ in shape: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    diff = a.detach().float() - b.detach().float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def psnr(a: np.ndarray | Tensor, b: np.ndarray | Tensor, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio of two image batches, from their pooled mean squared error.
+
+    ``PSNR = 10 log10(data_range^2 / MSE)``, with the MSE averaged over every pixel of every image, so one
+    perfect pair does not make the whole batch infinite; identical batches give ``inf``.
+
+    Args:
+        a: Images ``[B, H, W, C]`` (or any shape), e.g. uint8 in ``[0, 255]``.
+        b: Same shape as ``a``.
+        data_range: The largest possible pixel difference (255 for uint8, 2 for ``[-1, 1]``).
+
+    Returns:
+        The PSNR in dB.
+    """
+    a_t, b_t = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    if a_t.shape != b_t.shape:
+        raise ValueError(f"images differ in shape: a {tuple(a_t.shape)}, b {tuple(b_t.shape)}")
+    mse = float((a_t - b_t).pow(2).mean())
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def agreement(student: Samples, teacher: Samples) -> dict[str, float]:
+    """Paired-generation agreement of two sample sets drawn at the same seeds.
+
+    Args:
+        student: ``B`` generations, latents ``[B, C, h, w]``, images ``[B, H, W, 3]``.
+        teacher: ``B`` generations at the same seeds.
+
+    Returns:
+        ``latent_mse`` (mean over pairs of :func:`latent_mse`) and ``psnr`` of the decoded images (dB).
+    """
+    if len(student.images) != len(teacher.images):
+        raise ValueError(f"sample sets differ in size: {len(student.images)} vs {len(teacher.images)}")
+    return {
+        "latent_mse": float(latent_mse(student.latents, teacher.latents).mean()),
+        "psnr": psnr(student.images, teacher.images),
+    }
+
+
+def embedding_alignment(student: Conditioning, teacher: Conditioning) -> dict[str, float | None]:
+    """Cosine similarity between student and teacher conditioning of the same (parallel) prompts.
+
+    - ``token_cosine``: mean over positions (the student's real tokens when it has a mask) of the cosine of
+      ``student[b, l]`` and ``teacher[b, l]``; ``None`` when the lengths differ (no token correspondence).
+    - ``mean_cosine``: cosine of the token means (student mean over its real tokens, teacher over all).
+    - ``pooled_cosine``: cosine of the pooled vectors when both have one, else ``None``.
+
+    Args:
+        student: Student conditioning, ``prompt_embeds [B, L_s, D]``.
+        teacher: Teacher conditioning, ``prompt_embeds [B, L_t, D]``.
+    """
+    s, t = student.prompt_embeds.detach().float(), teacher.prompt_embeds.detach().float()
+    if s.shape[0] != t.shape[0] or s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"student prompt_embeds {tuple(s.shape)} and teacher prompt_embeds {tuple(t.shape)} must agree in "
+            "batch size and width"
+        )
+    mask = None if student.attention_mask is None else student.attention_mask.to(s.device).float()  # [B, L_s]
+    token = None
+    if s.shape[1] == t.shape[1]:
+        cos = torch.nn.functional.cosine_similarity(s, t.to(s.device), dim=-1)  # [B, L]
+        token = float(cos.mean()) if mask is None else float((cos * mask).sum() / mask.sum().clamp_min(1.0))
+    s_mean = masked_mean(s, mask)  # [B, D]
+    mean = float(torch.nn.functional.cosine_similarity(s_mean, t.to(s.device).mean(1), dim=-1).mean())
+    pooled = None
+    if student.pooled_prompt_embeds is not None and teacher.pooled_prompt_embeds is not None:
+        pooled = float(
+            torch.nn.functional.cosine_similarity(
+                student.pooled_prompt_embeds.float(),
+                teacher.pooled_prompt_embeds.float().to(s.device),
+                dim=-1,
+            ).mean()
+        )
+    return {"token_cosine": token, "mean_cosine": mean, "pooled_cosine": pooled}
+
+
+def attention_alignment(
+    model: Teacher | Any,
+    student: Conditioning,
+    teacher: Conditioning,
+    images: Tensor,
+    *,
+    timesteps: Sequence[int] = (100, 500, 900),
+    seed: int = 0,
+) -> float:
+    """IAP's attention MSE between teacher and student branches of every cross-attention layer.
+
+    For each timestep, the images' latents are noised with seeded noise and the denoiser runs once on the
+    teacher's conditioning with :class:`xling.core.PivotTap` holding the student's; the value is
+    ``sum_layers mean((o_t - o_s)^2)`` (:func:`xling.losses.attention_mse`), averaged over the timesteps.
+
+    Args:
+        model: An ``xling.core.Teacher``, or a diffusers SD / SDXL pipeline (wrapped with
+            ``Teacher.from_pipeline``, which freezes its modules in place).
+        student: Student conditioning ``[B, L_s, D]`` of the prompts.
+        teacher: Teacher conditioning ``[B, L_t, D]`` (+ pooled ``[B, P]`` for SDXL) of the parallel prompts.
+        images: ``[B, 3, H, W]`` in ``[-1, 1]``, the scenes the prompts describe (the "pivots").
+        timesteps: Training timesteps to probe.
+        seed: Seeds the noise.
+
+    Returns:
+        The attention MSE.
+    """
+    if images.ndim != 4 or images.shape[0] != len(teacher) or len(student) != len(teacher):
+        raise ValueError(
+            f"images [B, 3, H, W] and both conditionings must share B: images {tuple(images.shape)}, "
+            f"student {len(student)}, teacher {len(teacher)}"
+        )
+    frozen = model if isinstance(model, Teacher) else Teacher.from_pipeline(model)
+    device, dtype = frozen.device, frozen.dtype
+    pooled = teacher.pooled_prompt_embeds
+    english = Conditioning(
+        teacher.prompt_embeds.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
+    )
+    student_embeds = student.prompt_embeds.to(device, dtype)
+    student_mask = None if student.attention_mask is None else student.attention_mask.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    with torch.no_grad():
+        z0 = frozen.encode_images(images, sample=False)
+        for t in timesteps:
+            noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
+            tt = torch.full((z0.shape[0],), int(t), dtype=torch.long, device=device)
+            z_t = frozen.scheduler.add_noise(z0, noise, tt)
+            with PivotTap(frozen.unet) as tap:
+                tap.set_student(student_embeds, student_mask)
+                frozen.denoise(z_t, tt, english)
+                values.append(float(attention_mse(tap.pairs)))
+    return float(np.mean(values))
+
+
+def clip_score(images: np.ndarray, captions: Sequence[str], model_path: str | Path) -> float:
+    """CLIP score (``100 * max(cos, 0)``, averaged) of images against captions, through torchmetrics.
+
+    Args:
+        images: ``[N, H, W, 3]`` uint8.
+        captions: ``N`` captions (English: CLIP reads English).
+        model_path: A local CLIP model directory (or a name the user's cache holds) for
+            ``torchmetrics.multimodal.CLIPScore``.
+
+    Raises:
+        ImportError: torchmetrics is missing (install ``xling-train[eval]``).
+    """
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+    except ImportError as err:  # an optional extra
+        raise ImportError('CLIP score needs torchmetrics: pip install "xling-train[eval]"') from err
+    if len(images) != len(captions):
+        raise ValueError(f"images ({len(images)}) and captions ({len(captions)}) differ in number")
+    metric = CLIPScore(model_name_or_path=str(model_path))
+    metric.update(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), list(captions))
+    return float(metric.compute())

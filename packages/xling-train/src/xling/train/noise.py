@@ -1,0 +1,85 @@
+"""Noised latents for the recipes that run the denoiser on images: per-row seeded noise and timesteps.
+
+Noise and timesteps come from one CPU generator per row, seeded by ``(seed, step, row index)``: they depend on
+neither the process count nor where a run was resumed, which is what makes 1-process and N-process runs, and
+interrupted and uninterrupted runs, match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from xling.core import Teacher
+from xling.train.data import Batch
+
+
+def row_generators(seed: int, step: int, index: Tensor, salt: str = "") -> list[torch.Generator]:
+    """One CPU generator per row of ``index [B]``, seeded by ``(seed, step, row index, salt)``."""
+    gens = []
+    for i in index.tolist():
+        digest = hashlib.blake2b(f"{seed}/{step}/{i}/{salt}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1)))
+    return gens
+
+
+def sample_noise_and_timesteps(
+    batch: Batch,
+    latent_shape: Sequence[int],
+    *,
+    seed: int,
+    num_train_timesteps: int,
+    t_min: int = 0,
+    t_max: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Per-row seeded ``noise [B, *latent_shape]`` and ``timesteps [B]`` in ``[t_min, t_max]``."""
+    t_max = num_train_timesteps - 1 if t_max is None else t_max
+    if not 0 <= t_min <= t_max < num_train_timesteps:
+        raise ValueError(
+            f"need 0 <= t_min <= t_max < {num_train_timesteps}, got t_min={t_min}, t_max={t_max}"
+        )
+    noise, steps = [], []
+    for g in row_generators(seed, batch.step, batch.index):
+        noise.append(torch.randn(tuple(latent_shape), generator=g))
+        steps.append(int(torch.randint(t_min, t_max + 1, (1,), generator=g)))
+    return (
+        torch.stack(noise).to(device=device, dtype=dtype),
+        torch.tensor(steps, dtype=torch.long, device=device),
+    )
+
+
+@torch.no_grad()
+def clean_latents(teacher: Teacher, batch: Batch) -> Tensor:
+    """Scaled VAE latents ``[B, C, h, w]``: the cached ones, else the frozen VAE's encoding of ``batch.pixels``.
+
+    The posterior mode, as the latent cache stores it: deterministic, so runs match across process counts.
+    """
+    if batch.latents is not None:
+        return batch.latents
+    if batch.pixels is None:
+        raise ValueError("this recipe needs images (or cached latents); the batch has neither")
+    return teacher.encode_images(batch.pixels, sample=False).float()
+
+
+def noisy_latents(
+    teacher: Teacher, batch: Batch, *, seed: int, t_min: int = 0, t_max: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(z0, noise, timesteps, z_t)``: ``[B, C, h, w]`` latents noised by the teacher's training scheduler at
+    per-row seeded ``timesteps [B]`` drawn from ``[t_min, t_max]``."""
+    z0 = clean_latents(teacher, batch)
+    scheduler = teacher.scheduler
+    noise, t = sample_noise_and_timesteps(
+        batch,
+        z0.shape[1:],
+        seed=seed,
+        num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        t_min=t_min,
+        t_max=t_max,
+        device=z0.device,
+    )
+    return z0, noise, t, scheduler.add_noise(z0, noise, t)
