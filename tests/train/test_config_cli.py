@@ -195,3 +195,17 @@ def test_image_corpus_with_latent_and_embedding_caches(tiny_sd1_path, tiny_bert_
     second = run_recipe("iap", {**config, "output_dir": str(tmp_path / "run2")})
     assert (tmp_path / "lat" / "index.json").stat().st_mtime_ns == stamp  # a hit: not rebuilt
     assert first.losses == second.losses  # cached latents/embeddings == the ones computed on the fly
+
+
+def test_xling_help_imports_no_torch():
+    """A cold ``xling --help`` stays fast: the recipes' options (whose modules import torch) are built only for
+    ``xling train``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom xling.train.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'xling.train.recipes.iap' in sys.modules, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "False False", done.stderr

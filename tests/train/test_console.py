@@ -194,7 +194,7 @@ def test_a_bad_config_key_is_an_error_line_and_status_2(capsys) -> None:
 def _fake_command(monkeypatch, func: Callable[[argparse.Namespace], int]) -> None:
     """Make ``xling boom`` run ``func``."""
 
-    def build_parser() -> argparse.ArgumentParser:
+    def build_parser(argv: object = None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog="xling")
         parser.add_subparsers(dest="command").add_parser("boom").set_defaults(func=func)
         return parser

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import inspect
 import os
-import sys
 from typing import Any
 
 from xling.train.config import default_config_path, iter_fields, shipped_yaml
@@ -83,26 +82,20 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from xling.train.config import load_config
-    from xling.train.loop import NonFiniteTrainingError
     from xling.train.recipes import run_recipe
     from xling.train.toyworld.names import TOY
 
+    # Errors (a bad key or value, missing files, a non-finite loss) reach `xling.train.cli.main`, which prints
+    # them on a line of their own after the progress bar and returns 2 or 1.
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("func", "recipe", "recipe_name", "command", "config")
     }
-    try:
-        cfg = load_config(args.recipe, args.config, overrides)
-        if cfg.teacher == TOY and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-            # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
-            # second thread made the default run several times slower (docs/toyworld.md).
-            torch.set_num_threads(1)
-        result = run_recipe(args.recipe, cfg)
-    except NonFiniteTrainingError as err:
-        print(f"xling train {args.recipe}: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"xling train {args.recipe}: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.recipe, args.config, overrides)
+    if cfg.teacher == TOY and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
+        # second thread made the default run several times slower (docs/toyworld.md).
+        torch.set_num_threads(1)
+    result = run_recipe(args.recipe, cfg)
     last = f"{result.losses[-1]:.6g}" if result.losses else "n/a"
     print(f"trained {result.recipe}: {result.steps} steps, final loss {last}, {result.wall_time_s:.1f} s")
     if result.adapter_dir is not None:

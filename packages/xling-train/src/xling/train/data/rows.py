@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import IterableDataset, Subset
 
-from xling.train.config import TOY
 from xling.train.data.corpus import ColumnMap, ParallelCorpus, columns_from
 from xling.train.data.errors import OnBadRow
 from xling.train.data.images import CropPolicy
 from xling.train.data.shards import TarShardCorpus
+from xling.train.toyworld.names import TOY
 
 if TYPE_CHECKING:
     from xling.train.config import RecipeConfig
