@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from xling.adapters import LanguageEncoder
@@ -82,7 +83,7 @@ class TrainStep(nn.Module, Generic[ConfigT]):
         return {"adapter": path}
 
 
-def load_teacher(config: RecipeConfig, *, device: Any, dtype: Any) -> Teacher:
+def load_teacher(config: RecipeConfig, *, device: torch.device | str, dtype: torch.dtype) -> Teacher:
     """The frozen teacher ``config.teacher`` names (``"toy"``: the committed one), in ``dtype`` on ``device``."""
     return Teacher.from_pretrained(resolve_teacher(config.teacher), dtype=dtype, device=device)
 
