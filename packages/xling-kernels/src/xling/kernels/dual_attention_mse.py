@@ -7,8 +7,10 @@ It stores `o1` (returned) and the base-2 LSE of branch 2 (`[B, H, N]` fp32, for 
 
 Backward: with `c = 2 * grad_loss / numel`, `dL/do2 = c * (o2 - o1)`. A query-tile kernel recomputes `o2 = P V2`
 from the LSE, writes the unscaled `dO = o2 - o1` (input dtype) and `Delta = rowsum(dO * o2)`, and computes
-`dQ`; the shared dK/dV kernel of dual_attention.py does the rest; `c` is applied last (a tiny `c` would
-underflow in fp16 if it were folded into `dO`).
+`dQ`; the shared dK/dV kernel of dual_attention.py (`DKDV`) does the rest; `c` is applied last (a tiny `c`
+would underflow in fp16 if it were folded into `dO`).
+
+The jit helpers are shared with dual_attention.py through _jit.py; builds, tiles and launches are in _launch.py.
 
 Source: IAP, "Efficient Cross-Lingual Transfer for Chinese Stable Diffusion with Images as Pivots" (Hu et al.,
 2023), eq. 3: per layer `mean((Attn(Q, K_en, V_en) - Attn(Q, K_zh, V_zh))^2)`.
@@ -22,15 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from xling.kernels.dual_attention import (
-    _key_loop,
-    _load_rows,
-    _normalise,
-    kernel_pair,
-    key_value_grads,
-    launch_dq,
-    launch_forward,
-)
+from xling.kernels._jit import key_loop, load_rows, normalise
+from xling.kernels._launch import checked_scale, kernel_pair, launch_dkdv, launch_dq, launch_forward
+from xling.kernels.dual_attention import DKDV
 
 #: Query rows per loss partial; every BLOCK_N is a multiple of it, so the partial layout is config-independent.
 PARTIAL_ROWS = 16
@@ -91,9 +87,9 @@ def _dual_attention_mse_fwd_kernel(
     row_ok = offs_n < N
     valid = row_ok[:, None] & (offs_d[None, :] < D)
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)  # [BN, BD]
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)  # [BN, BD]
 
-    acc1, m1, l1 = _key_loop(
+    acc1, m1, l1 = key_loop(
         q,
         None,
         None,
@@ -116,11 +112,11 @@ def _dual_attention_mse_fwd_kernel(
         BLOCK_M,
         BLOCK_D,
     )
-    o1, _ = _normalise(acc1, m1, l1)
+    o1, _ = normalise(acc1, m1, l1)
     o1 = o1.to(O1.dtype.element_ty)
     tl.store(O1 + pid_bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :], o1, mask=valid)
 
-    acc2, m2, l2 = _key_loop(
+    acc2, m2, l2 = key_loop(
         q,
         None,
         None,
@@ -143,7 +139,7 @@ def _dual_attention_mse_fwd_kernel(
         BLOCK_M,
         BLOCK_D,
     )
-    o2, lse2 = _normalise(acc2, m2, l2)
+    o2, lse2 = normalise(acc2, m2, l2)
     tl.store(LSE2 + pid_bh.to(tl.int64) * N + offs_n, lse2, mask=row_ok)
 
     # The returned (rounded) o1 is the target, exactly as the backward sees it; o2 stays fp32.
@@ -206,13 +202,13 @@ def _dual_attention_mse_bwd_dq_kernel(
     out_offs = row_base * D + offs_n[:, None] * D + offs_d[None, :]
     out_mask = row_ok[:, None] & (offs_d[None, :] < D)
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)
-    o1 = _load_rows(O1 + row_base * D, offs_n, offs_d, D, 1, N, D)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, N, D)
+    o1 = load_rows(O1 + row_base * D, offs_n, offs_d, D, 1, N, D)
     lse = tl.load(LSE2 + row_base + offs_n, mask=row_ok, other=float("inf"))
     k_ptr = K2 + b * stride_kb + h * stride_kh
     v_ptr = V2 + b * stride_vb + h * stride_vh
     m_ptr = MASK2 + b * stride_mb
-    o2, _, _ = _key_loop(
+    o2, _, _ = key_loop(
         q,
         lse,
         None,
@@ -242,7 +238,7 @@ def _dual_attention_mse_bwd_dq_kernel(
     tl.store(DO + out_offs, do, mask=out_mask)
     tl.store(DELTA + row_base + offs_n, delta, mask=row_ok)
     if COMPUTE_DQ:
-        dq, _, _ = _key_loop(
+        dq, _, _ = key_loop(
             q,
             lse,
             do,
@@ -274,7 +270,11 @@ _MSE_DQ = kernel_pair(_dual_attention_mse_bwd_dq_kernel)
 
 
 class DualAttentionMSEFunction(torch.autograd.Function):
-    """Autograd for the fused kernel: `loss = mean((o1 - o2)^2)`, `o1` constant, grads to q, k2, v2."""
+    """Autograd for the fused kernel: `loss = mean((o1 - o2)^2)`, `o1` constant, grads to q, k2, v2.
+
+    `apply(q, k1, v1, k2, v2, mask2, scale)` as :class:`~xling.kernels.dual_attention.DualAttentionFunction`;
+    returns `(o1, loss)`, `o1` `[B, H, N, d]` and `loss` an fp32 scalar.
+    """
 
     @staticmethod
     def forward(
@@ -285,8 +285,9 @@ class DualAttentionMSEFunction(torch.autograd.Function):
         k2: torch.Tensor,
         v2: torch.Tensor,
         mask2: torch.Tensor | None,
-        scale: float,
+        scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = checked_scale(q, k1, v1, k2, v2, mask2, scale=scale)  # the reference's checks, and d <= 256
         b, h, n, d = q.shape
         o1 = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
         lse2 = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -323,6 +324,11 @@ class DualAttentionMSEFunction(torch.autograd.Function):
         launch_dq(_MSE_DQ, (q, k2, v2, mask2), scale, (o1, lse2, c, do, delta, dq), compute_dq=need_dq)
         dk2 = dv2 = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            dk, dv = key_value_grads(q, k2, v2, mask2, do, lse2, delta, scale)
+            dk, dv = launch_dkdv(DKDV, (q, k2, v2, mask2), do, lse2, delta, scale)
             dk2, dv2 = (dk * c).to(k2.dtype), (dv * c).to(v2.dtype)
         return (dq if need_dq else None), None, None, dk2, dv2, None, None
+
+
+#: The Triton path of :func:`xling.kernels.dual_attention_mse`. Positional arguments
+#: `(q, k1, v1, k2, v2, mask2, scale)`, `scale` may be None; the Function validates them.
+dual_attention_mse_triton = DualAttentionMSEFunction.apply

@@ -19,8 +19,8 @@ else:
     HAS_TRITON = True
 
 if HAS_TRITON:
-    from xling.kernels.dual_attention import DualAttentionFunction, apply_checked
-    from xling.kernels.dual_attention_mse import DualAttentionMSEFunction
+    from xling.kernels.dual_attention import dual_attention_triton
+    from xling.kernels.dual_attention_mse import dual_attention_mse_triton
 
 
 def use_triton(q: torch.Tensor) -> bool:
@@ -70,7 +70,7 @@ def dual_attention(
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
     if use_triton(q):
-        return apply_checked(DualAttentionFunction, q, k1, v1, k2, v2, mask2, scale=scale)
+        return dual_attention_triton(q, k1, v1, k2, v2, mask2, scale)
     return dual_attention_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
 
 
@@ -106,5 +106,5 @@ def dual_attention_mse(
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
     if use_triton(q):
-        return apply_checked(DualAttentionMSEFunction, q, k1, v1, k2, v2, mask2, scale=scale)
+        return dual_attention_mse_triton(q, k1, v1, k2, v2, mask2, scale)
     return dual_attention_mse_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
