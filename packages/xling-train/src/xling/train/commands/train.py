@@ -41,6 +41,8 @@ def _add_recipe_parser(subparsers: Any, recipe: str) -> None:
         default = shipped.get(
             key, f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         )
+        if key == "output_dir":
+            default = default or f"runs/{recipe}"  # what load_config fills in
         names = [f"--{key}"]
         if key == "data.path":
             names.append("--data")
