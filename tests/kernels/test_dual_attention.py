@@ -1,7 +1,8 @@
 """Triton dual attention vs the two-SDPA reference: forward, every gradient, masks, layouts, errors.
 
 Without CUDA the kernels run on Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the
-shapes are small; the GPU-only cases (bf16, Stable Diffusion shapes) skip cleanly without a device.
+shapes are small; the GPU-only cases (bf16 kernels, Stable Diffusion shapes) skip cleanly without a device (bf16
+on the interpreter is computed in fp32, see ops.py).
 """
 
 from __future__ import annotations
@@ -296,6 +297,40 @@ def test_imports_and_falls_back_without_triton() -> None:
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs on Triton's CPU interpreter (TRITON_INTERPRET=1)"
+)
+
+
+@interpreter
+@pytest.mark.parametrize("mse", [False, True], ids=["dual", "mse"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_bf16_on_the_interpreter_matches_reference(mse: bool, masked: bool) -> None:
+    # The interpreter's bf16 tl.dot is wrong (outputs near 1e8); ops.py computes bf16 in fp32 there and casts
+    # back, so outputs and gradients are bf16 and within bf16 tolerance of the fp32 reference.
+    inputs = make_inputs(2, 2, 17, 77, 9, 40, torch.bfloat16, transposed=True, seed=3)
+    assert xk.use_triton(inputs[0])
+    check_against_reference(inputs, make_mask(2, 9) if masked else None, mse)
+
+
+@interpreter
+def test_bf16_on_the_interpreter_runs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The upcast must feed the Triton kernels (fp32), not quietly take the reference.
+    import xling.kernels.ops as ops
+
+    seen: list[torch.dtype] = []
+    kernel = ops.dual_attention_triton
+
+    def spy(q: torch.Tensor, *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(q.dtype)
+        return kernel(q, *rest)
+
+    monkeypatch.setattr(ops, "dual_attention_triton", spy)
+    o1, o2 = dual_attention(*make_inputs(1, 1, 16, 5, 6, 40, torch.bfloat16, False))
+    assert seen == [torch.float32]
+    assert o1.dtype == o2.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- GPU-only cases

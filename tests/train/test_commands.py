@@ -114,3 +114,123 @@ def test_bench_override_parsing() -> None:
         bench.parse_overrides(["mtn:lr=1"], ["iap"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         bench.parse_overrides(["lr"], ["iap"])
+
+
+# ---- a user's own adapter: recorded teacher, widths, moved student, run folders, weight variants -----------
+
+
+def _bert_adapter(directory: Path, student: Path, *, teacher_width: int, teacher: str | None = None) -> Path:
+    """A linear head on the tiny BERT student for a teacher of ``teacher_width``, saved to ``directory``."""
+    import torch
+
+    from xling.adapters.config import LinearHeadConfig
+    from xling.adapters.encoder import LanguageEncoder
+    from xling.adapters.linear import LinearHead
+
+    torch.manual_seed(0)
+    head = LinearHead(LinearHeadConfig(student_width=48, teacher_width=teacher_width))
+    return LanguageEncoder.from_student(student, head).save_pretrained(directory, teacher=teacher)
+
+
+def test_generate_checks_widths_before_sampling(
+    tmp_path: Path, tiny_bert_path: Path, tiny_sdxl_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # an SD1-width adapter (32) that records no teacher: the toy teacher (64) is the default, and does not fit
+    adapter = _bert_adapter(tmp_path / "sd1", tiny_bert_path, teacher_width=32)
+    out = tmp_path / "out"
+    assert main(["generate", "--adapter", str(adapter), "红色的圆形", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "xling generate: error: linear head (sd1) does not fit the teacher toy" in err
+    assert "teacher_width 32 != unet.config.cross_attention_dim 64" in err
+    assert not out.exists()  # failed before anything was sampled or written
+    # on SDXL the same adapter also lacks the pooled output SDXL needs
+    args = ["generate", "--adapter", str(adapter), "红色的圆形", "--teacher", str(tiny_sdxl_path)]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the head has no pooled output but the teacher" in err and "pooled_prompt_embeds of width 32" in err
+    )
+    rc = main(["eval", "--adapter", str(adapter), "--max-scenes", "1", "--seeds", "0", "--out", str(out)])
+    assert (
+        rc == 2
+        and "xling eval: error: linear head (sd1) does not fit the teacher toy" in capsys.readouterr().err
+    )
+
+
+def test_generate_defaults_to_the_recorded_teacher(
+    tmp_path: Path, tiny_bert_path: Path, tiny_sd1_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    adapter = _bert_adapter(tmp_path / "ad", tiny_bert_path, teacher_width=32, teacher=str(tiny_sd1_path))
+    out = tmp_path / "out"
+    assert main(["generate", "--adapter", str(adapter), "红色的圆形", "--steps", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "images.json").read_text())["teacher"] == str(tiny_sd1_path)
+    # --teacher overrides the record (and the toy teacher's width does not fit)
+    assert (
+        main(["generate", "--adapter", str(adapter), "红色的圆形", "--teacher", "toy", "--out", str(out)])
+        == 2
+    )
+    assert "does not fit the teacher toy" in capsys.readouterr().err
+    # a recorded local teacher that is gone says so and how to fix it
+    cfg = json.loads((adapter / "config.json").read_text())
+    cfg["teacher"]["name_or_path"] = str(tmp_path / "gone")
+    (adapter / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--adapter", str(adapter), "红色的圆形", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"is not at {tmp_path / 'gone'}" in err and "--teacher" in err
+
+
+def test_generate_and_eval_take_a_moved_student(
+    tmp_path: Path, tiny_bert_path: Path, tiny_sd1_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    student = shutil.copytree(tiny_bert_path, tmp_path / "student")
+    adapter = _bert_adapter(tmp_path / "ad", student, teacher_width=32, teacher=str(tiny_sd1_path))
+    shutil.rmtree(student)
+    out = tmp_path / "out"
+    args = ["generate", "--adapter", str(adapter), "红色的圆形", "--steps", "2", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the student of {adapter} is not at {student}" in err and "--student-path" in err
+    assert "Traceback" not in err
+    assert main([*args, "--student-path", str(tiny_bert_path)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"en": "a red circle", "zh": "红色的圆形"}, ensure_ascii=False) + "\n")
+    eval_args = ["eval", "--adapter", str(adapter), "--prompts", str(pairs), "--seeds", "0", "--steps", "2"]
+    assert main([*eval_args, "--out", str(tmp_path / "eval")]) == 2
+    assert "--student-path" in capsys.readouterr().err
+    rc = main([*eval_args, "--student-path", str(tiny_bert_path), "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["settings"]["teacher"] == str(tiny_sd1_path)  # the recorded teacher, no --teacher given
+
+
+def test_generate_names_the_adapter_of_a_run_folder(
+    adapter_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run / "adapter")
+    assert main(["generate", "--adapter", str(run), "红色的圆形", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{run} is a run folder (the output of `xling train`), not an adapter; pass {run / 'adapter'}" in err
+    )
+
+
+def test_generate_reads_a_weight_variant(
+    tmp_path: Path, tiny_bert_path: Path, tiny_sd1_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    teacher = tmp_path / "teacher-fp16"
+    DiffusionPipeline.from_pretrained(tiny_sd1_path).save_pretrained(teacher, variant="fp16")
+    assert list(teacher.glob("unet/*.fp16.safetensors"))
+    adapter = _bert_adapter(tmp_path / "ad", tiny_bert_path, teacher_width=32, teacher=str(teacher))
+    args = ["generate", "--adapter", str(adapter), "红色的圆形", "--steps", "2"]
+    assert main([*args, "--variant", "fp16", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "000-seed0.png").is_file()
+    # without --variant diffusers looks for the plain weight files, which this folder does not have
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert "xling generate: error:" in capsys.readouterr().err

@@ -231,3 +231,131 @@ def test_write_images_names_scales_and_indexes(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "images.json").read_text(encoding="utf-8"))
     assert index["teacher"] == "toy"
     assert index["images"][2] == {"file": "001-seed0.png", "prompt": "二", "seed": 0}
+
+
+def test_evaluate_pairs_measures_attention_mse_on_the_teachers_images(pipe, tmp_path: Path) -> None:
+    perfect = ev.evaluate_pairs(
+        MirrorStudent(pipe, dict(zip(ZH, EN))), pipe, EN, ZH, seeds=(0,), num_inference_steps=2
+    )
+    assert perfect.alignment["attention_mse"] == pytest.approx(0.0, abs=1e-10)
+    noisy = ev.evaluate_pairs(
+        MirrorStudent(pipe, dict(zip(ZH, EN)), noise=1.0), pipe, EN, ZH, seeds=(0,), num_inference_steps=2
+    )
+    assert noisy.alignment["attention_mse"] > 1e-6
+    text = ev.report_markdown(noisy)
+    assert "Attention-MSE pivots: the teacher's own generation of each English prompt (seed 0)." in text
+    table_row = text.split("## Alignment")[1].splitlines()[4]
+    assert table_row.split("|")[-2].strip() not in ("n/a", "")  # the attention-MSE cell holds a number
+    skipped = ev.evaluate_pairs(
+        MirrorStudent(pipe, dict(zip(ZH, EN))),
+        pipe,
+        EN,
+        ZH,
+        seeds=(0,),
+        num_inference_steps=2,
+        attention_timesteps=(),
+    )
+    assert skipped.alignment["attention_mse"] is None
+    assert "Attention MSE n/a: not computed (no attention timesteps were given)." in ev.report_markdown(
+        skipped
+    )
+
+
+@pytest.fixture(scope="module")
+def sd1_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_bert_path: Path, tiny_sd1_path: Path) -> Path:
+    """A linear head on the tiny BERT student for the tiny SD1 teacher, which it records."""
+    from xling.adapters import LanguageEncoder, LinearHead, LinearHeadConfig
+
+    torch.manual_seed(0)
+    head = LinearHead(LinearHeadConfig(student_width=48, teacher_width=32))
+    directory = tmp_path_factory.mktemp("sd1-adapter")
+    return LanguageEncoder.from_student(tiny_bert_path, head).save_pretrained(
+        directory, teacher=str(tiny_sd1_path)
+    )
+
+
+def test_run_report_with_a_real_teacher_scores_the_given_pairs(
+    sd1_adapter: Path, tiny_sd1_path: Path, tmp_path: Path
+) -> None:
+    pairs = [("a red circle", "红色的圆形"), ("a blue square", "蓝色的正方形"), ("a cat", "一只猫")]
+    paths = ev.write_run_report(
+        adapter_dir=sd1_adapter,
+        output_dir=tmp_path / "run",
+        teacher=str(tiny_sd1_path),
+        toy=False,
+        num_prompts=2,
+        seeds=(0,),
+        num_inference_steps=2,
+        prompt_pairs=pairs,
+    )
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["settings"]["prompts"] == 2 and metrics["settings"]["teacher"] == str(tiny_sd1_path)
+    assert metrics["alignment"]["attention_mse"] > 0
+    text = paths["report"].read_text()
+    assert "红色的圆形" in text and "蓝色的正方形" in text and "一只猫" not in text
+    # none of the toy grammar's captions were scored
+    assert all(en in ("a red circle", "a blue square") for en in (ex["en"] for ex in _report_rows(text)))
+
+
+def _report_rows(text: str) -> list[dict[str, str]]:
+    rows = text.split("| column | English | Chinese | seed |")[1].strip().splitlines()[1:]
+    return [{"en": r.split(" | ")[1]} for r in rows if r.startswith("| ")]
+
+
+def test_run_report_with_a_real_teacher_and_no_pairs_says_what_needs_them(
+    sd1_adapter: Path, tiny_sd1_path: Path, tmp_path: Path
+) -> None:
+    paths = ev.write_run_report(
+        adapter_dir=sd1_adapter, output_dir=tmp_path / "run", teacher=str(tiny_sd1_path), toy=False
+    )
+    assert set(paths) == {"report"}
+    text = paths["report"].read_text()
+    assert "No held-out prompt pairs were given, so nothing was scored" in text
+    assert "attention MSE" in text and "CLIP score" in text and "--prompts pairs.jsonl" in text
+    assert not (tmp_path / "run" / "grid.png").exists()
+
+
+def test_train_step_save_records_the_teacher(
+    tiny_bert_path: Path, tiny_sd1_path: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from xling.adapters import LanguageEncoder, LinearHead, LinearHeadConfig
+    from xling.train.config import RecipeConfig
+    from xling.train.recipes.base import TrainStep
+
+    head = LinearHead(LinearHeadConfig(student_width=48, teacher_width=32))
+    encoder = LanguageEncoder.from_student(tiny_bert_path, head)
+    relative = os.path.relpath(tiny_sd1_path)
+    for teacher, recorded in (("toy", "toy"), (relative, str(tiny_sd1_path.resolve())), ("org/sd", "org/sd")):
+        step = TrainStep(encoder, None, RecipeConfig(teacher=teacher, student=str(tiny_bert_path)))
+        adapter = step.save(tmp_path / teacher.replace("/", "_").replace(".", "_"))["adapter"]
+        record = json.loads((adapter / "config.json").read_text())["teacher"]
+        assert record == {
+            "name_or_path": recorded,
+            "family": "sd1",
+            "teacher_width": 32,
+            "pooled_width": None,
+        }
+
+
+def test_prompt_pairs_from_rows_reads_only_what_it_needs() -> None:
+    class Rows:
+        def __init__(self, rows):
+            self.rows, self.read = rows, []
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return self.rows[i]
+
+    # A corpus row names its caption "target", a toy-world row "zh".
+    rows = Rows(
+        [{"en": "a cat", "zh": "一只猫"}, {"zh": "只有中文"}, {"en": "a dog", "target": "一只狗"}, {}]
+    )
+    assert ev.prompt_pairs_from_rows(rows, 2) == [("a cat", "一只猫"), ("a dog", "一只狗")]
+    assert rows.read == [0, 1, 2]  # stops once it has its pairs
+    assert ev.prompt_pairs_from_rows(None, 3) is None
+    assert ev.prompt_pairs_from_rows(Rows([{"zh": "只有中文"}])) is None

@@ -23,7 +23,9 @@ Pooled vector (``encode().pooled``), per student type (``pooling="auto"``)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -43,6 +45,38 @@ ENCODER_FORMAT = "xling-language-encoder"
 StudentWeights = Literal["frozen", "lora", "unfrozen"]
 Pooling = Literal["auto", "cls", "eos", "mean"]
 _ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "altclip")
+#: Keys of the ``teacher`` record in an encoder's ``config.json``.
+TEACHER_KEYS = ("name_or_path", "family", "teacher_width", "pooled_width")
+
+
+def looks_like_local_path(name: str | os.PathLike[str]) -> bool:
+    """Whether ``name`` names a folder on disk rather than a Hugging Face Hub id.
+
+    A Hub id is ``name`` or ``namespace/name``; an absolute path, one starting with ``.`` or ``~``, one with a
+    backslash or more than one ``/``, or any name that exists on disk is a local path.
+    """
+    text = os.fspath(name)
+    if Path(text).exists():
+        return True
+    return Path(text).is_absolute() or text.startswith((".", "~")) or "\\" in text or text.count("/") > 1
+
+
+def _resolve_adapter_dir(directory: Path) -> Path:
+    """``directory`` itself; a run folder (``xling train`` output) fails with the folder to pass instead.
+
+    Transformers' ``from_pretrained`` does not look into subfolders unless told, so neither does this: the
+    error names ``DIR/adapter`` so the caller can fix the path at once.
+    """
+    cfg_path = directory / "config.json"
+    if cfg_path.is_file():
+        return directory
+    nested = directory / "adapter" / "config.json"
+    if nested.is_file():
+        raise FileNotFoundError(
+            f"{directory} is a run folder (the output of `xling train`), not an adapter; "
+            f"pass {directory / 'adapter'}"
+        )
+    raise FileNotFoundError(f"no language-encoder config at {cfg_path}")
 
 
 def _require_transformers() -> Any:
@@ -179,6 +213,8 @@ class LanguageEncoder(nn.Module):
         self.student = student
         self.head = head
         self.config = config
+        #: The teacher the encoder was trained for (``TEACHER_KEYS``), or ``None`` when not recorded.
+        self.teacher: dict[str, Any] | None = None
         base_config = _base_model(student).config
         self.model_type: str = getattr(base_config, "model_type", "")
         check_widths(head.config, student_width=self.hidden_size, where="the student")
@@ -412,18 +448,34 @@ class LanguageEncoder(nn.Module):
         if backbone:
             self.config.student_weights = "unfrozen"
 
-    def save_pretrained(self, directory: str | os.PathLike[str], *, include_student: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        include_student: bool = False,
+        teacher: str | os.PathLike[str] | None = None,
+    ) -> Path:
         """Write a self-contained adapter directory.
 
         Layout::
 
-            config.json        {"format": "xling-language-encoder", "format_version": 1, "layout": {...}, "encoder": {...}}
+            config.json        {"format": "xling-language-encoder", "format_version": 1, "layout": {...},
+                                "encoder": {...}, "teacher": {...}}
             head/              config.json + model.safetensors
             tokenizer/         the student's tokenizer (save_pretrained)
             student/           the student's weights (safetensors), when it was trained or include_student
             student_lora/      peft adapter (adapter_config.json + adapter_model.safetensors), for a LoRA student
+            student_merged/    a LoRA student with its LoRA merged in (safetensors): inference without peft
 
         A frozen student is not copied unless ``include_student``: loading reads it from ``student_model``.
+
+        Args:
+            directory: created if missing.
+            include_student: also copy a frozen (or a LoRA student's base) student's weights.
+            teacher: the path or Hub id of the teacher the encoder was trained for (``"toy"`` for the toy
+                world's). Recorded as ``config.json["teacher"]`` with the head's family and widths, so
+                ``xling generate`` / ``xling eval`` default to it; ``None`` keeps :attr:`teacher` (the record
+                of a loaded adapter), if any.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -446,6 +498,10 @@ class LanguageEncoder(nn.Module):
         if mode == "lora":
             self.student.save_pretrained(str(directory / "student_lora"))
             layout["student_lora"] = "student_lora"
+            # Inference copy: a deep copy is merged so the live student keeps training its LoRA weights.
+            merged = copy.deepcopy(self.student).merge_and_unload()
+            merged.save_pretrained(str(directory / "student_merged"), safe_serialization=True)
+            layout["student_merged"] = "student_merged"
             if include_student:
                 # the base weights alone, so the peft adapter is applied once on load
                 _save_plain(base, directory / "student")
@@ -454,12 +510,22 @@ class LanguageEncoder(nn.Module):
             base.save_pretrained(str(directory / "student"), safe_serialization=True)
             layout["student"] = "student"
         encoder_cfg = dataclasses.asdict(self.config)
-        payload = {
+        payload: dict[str, Any] = {
             "format": ENCODER_FORMAT,
             "format_version": FORMAT_VERSION,
             "layout": layout,
             "encoder": encoder_cfg,
         }
+        if teacher is not None:
+            hc = self.head.config
+            self.teacher = {
+                "name_or_path": os.fspath(teacher),
+                "family": hc.teacher_family,
+                "teacher_width": hc.teacher_width,
+                "pooled_width": hc.pooled_width,
+            }
+        if self.teacher is not None:
+            payload["teacher"] = self.teacher
         (directory / "config.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         return directory
 
@@ -471,24 +537,32 @@ class LanguageEncoder(nn.Module):
         student_path: str | os.PathLike[str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        merged_lora: bool | None = None,
     ) -> LanguageEncoder:
         """Load a directory written by :meth:`save_pretrained` (in eval mode, nothing trainable).
 
+        A LoRA adapter loads through peft (base student + ``student_lora/``) when peft is installed, and from
+        its merged copy ``student_merged/`` otherwise, so ``xling-adapters[diffusers]`` alone runs every
+        adapter. A merged student is a plain ``PreTrainedModel`` holding the whole trained student, so the
+        loaded encoder's ``config.student_weights`` is then ``"unfrozen"`` (saving it writes those weights).
+
         Args:
-            directory: the adapter directory.
+            directory: the adapter directory (``run/adapter`` of an ``xling train`` run).
             student_path: where the base student lives when the directory does not hold it (a frozen or
                 LoRA student); defaults to the ``student_model`` recorded at save time.
             device: where to put the encoder.
             dtype: cast student and head to this dtype (e.g. ``torch.float16`` on a GPU).
+            merged_lora: for a LoRA adapter, ``True`` loads ``student_merged/``, ``False`` loads through peft,
+                ``None`` picks peft when it is installed (older adapters have no merged copy and need peft).
 
         Raises:
-            FileNotFoundError: missing files. ValueError: not an encoder directory, or a newer format.
+            FileNotFoundError: no ``config.json`` (naming ``DIR/adapter`` when ``DIR`` is a run folder), or a
+                local student folder that is not there (naming the path and ``student_path=``).
+            ValueError: not an encoder directory, or a newer format.
         """
         transformers = _require_transformers()
-        directory = Path(directory)
+        directory = _resolve_adapter_dir(Path(directory))
         cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"no language-encoder config at {cfg_path}")
         try:
             payload = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -506,26 +580,64 @@ class LanguageEncoder(nn.Module):
         try:
             config = LanguageEncoderConfig(**payload["encoder"])
             layout = payload["layout"]
+            teacher = payload.get("teacher")
+            if teacher is not None and (not isinstance(teacher, dict) or "name_or_path" not in teacher):
+                raise ValueError(f"`teacher` must be an object with {TEACHER_KEYS}, got {teacher!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{cfg_path}: invalid encoder config: {e}") from e
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / layout["tokenizer"]))
-        if layout.get("student"):
+        lora_dir = layout.get("student_lora")
+        merged_dir = layout.get("student_merged")
+        if merged_lora is None:
+            merged_lora = merged_dir is not None and importlib.util.find_spec("peft") is None
+        if lora_dir and merged_lora:
+            if not merged_dir:
+                raise FileNotFoundError(
+                    f"{directory} has no student_merged/ (saved by an older xling-adapters); load it with "
+                    'peft installed: pip install "xling-adapters[peft]"'
+                )
+            model = _load_student_model(directory / merged_dir)
+            config.student_weights = "unfrozen"
+            lora_dir = None
+        elif layout.get("student"):
             model = _load_student_model(directory / layout["student"])
         else:
-            model = _load_student_model(student_path if student_path is not None else config.student_model)
-        if layout.get("student_lora"):
+            model = _load_student_model(_base_student(directory, config, student_path))
+        if lora_dir:
             from xling.adapters.lora import _require_peft
 
             peft = _require_peft()
-            model = peft.PeftModel.from_pretrained(model, str(directory / layout["student_lora"]))
+            model = peft.PeftModel.from_pretrained(model, str(directory / lora_dir))
         head = load_head(directory / layout["head"])
         encoder = cls(tokenizer, model, head, config)
+        encoder.teacher = teacher
         encoder.requires_grad_(False)
         encoder.eval()
         if dtype is not None:
             encoder = encoder.to(dtype=dtype)
         return encoder.to(device) if device is not None else encoder
+
+
+def _base_student(
+    directory: Path, config: LanguageEncoderConfig, student_path: str | os.PathLike[str] | None
+) -> str:
+    """Where the base student of an adapter that does not hold it lives; a missing local folder fails here.
+
+    Raises:
+        FileNotFoundError: the path (given, or recorded at save time) is a local folder that is not there.
+    """
+    path = os.fspath(student_path) if student_path is not None else config.student_model
+    if looks_like_local_path(path) and not Path(path).expanduser().exists():
+        where = (
+            "given as student_path" if student_path is not None else f"recorded in {directory}/config.json"
+        )
+        raise FileNotFoundError(
+            f"the student of {directory} is not at {path} ({where}); it holds no student weights, so pass "
+            "the student's folder: LanguageEncoder.from_pretrained(..., student_path=...), "
+            "attach(..., student_path=...) or `--student-path` on xling generate / xling eval"
+        )
+    return path
 
 
 def _save_plain(model: nn.Module, directory: Path) -> None:

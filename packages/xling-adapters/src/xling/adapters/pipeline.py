@@ -214,6 +214,8 @@ def attach(
         encoder: a :class:`~xling.adapters.encoder.LanguageEncoder`, or the path of a saved one (loaded with
             ``LanguageEncoder.from_pretrained(path, device=pipe.device, **load_kwargs)``).
         check: verify the head's widths against the UNet (``cross_attention_dim``, SDXL pooled width).
+        **load_kwargs: for a path, passed to ``LanguageEncoder.from_pretrained``: ``student_path=`` (where a
+            frozen or LoRA adapter's student lives now, when it moved), ``dtype=``, ``merged_lora=``.
 
     Returns:
         An :class:`XlingPipeline`: call it like the pipeline, with ``prompt`` in the student's language.
@@ -221,6 +223,8 @@ def attach(
     Raises:
         WidthMismatchError: the head's ``teacher_width`` or ``pooled_width`` does not fit the pipeline; the
             message names each width that differs.
+        FileNotFoundError: ``encoder`` is a run folder (the message names its ``adapter/``), or the recorded
+            student folder is gone (the message names it and ``student_path=``).
     """
     if isinstance(encoder, str | os.PathLike):
         load_kwargs.setdefault("device", getattr(pipe, "device", None))

@@ -1,6 +1,10 @@
 """Dispatch: the Triton kernels when they can run (a CUDA tensor, or `TRITON_INTERPRET=1`), else the reference.
 
 Both paths share one signature, one validation and one rule for fully masked rows (`o2 = 0`, zero gradient).
+
+Under `TRITON_INTERPRET=1` bf16 inputs are upcast to fp32 for the kernels and the outputs cast back to bf16:
+the CPU interpreter emulates Triton with numpy, which has no bfloat16, and its `tl.dot` on bf16 tiles returns
+garbage (values around 1e8). Gradients flow through the casts, so bf16 leaves still get bf16 gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ if HAS_TRITON:
     from xling.kernels.dual_attention_mse import dual_attention_mse_triton
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _upcast_bf16(*tensors: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, ...]]:
+    """``(True, fp32 copies)`` when the interpreter would get bf16 tensors, else ``(False, tensors)``.
+
+    Only the five attention inputs are cast (the mask stays bool). Mixed dtypes are left as they are, so the
+    kernels' validation still reports them.
+    """
+    if not _interpreting() or any(not isinstance(t, torch.Tensor) for t in tensors):
+        return False, tensors
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        return False, tensors
+    return True, tuple(t.float() for t in tensors)
+
+
 def use_triton(q: torch.Tensor) -> bool:
     """Whether :func:`dual_attention` runs the Triton kernels for this query tensor.
 
@@ -34,7 +55,7 @@ def use_triton(q: torch.Tensor) -> bool:
     """
     if not HAS_TRITON or not isinstance(q, torch.Tensor):
         return False  # a non-tensor goes to the reference, whose validation names the bad argument
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return q.is_cuda or _interpreting()
 
 
 def dual_attention(
@@ -53,7 +74,8 @@ def dual_attention(
     and `v2` through `o2`. Inputs may be non-contiguous (diffusers' `view(B, N, H, d).transpose(1, 2)`).
 
     Args:
-        q: Queries `[B, H, N, d]`; fp32, fp16 or bf16 (all five tensors share the dtype).
+        q: Queries `[B, H, N, d]`; fp32, fp16 or bf16 (all five tensors share the dtype). Under
+            `TRITON_INTERPRET=1` bf16 is computed in fp32 and the outputs cast back to bf16.
         k1: Keys of branch 1 `[B, H, M1, d]`.
         v1: Values of branch 1 `[B, H, M1, d]`.
         k2: Keys of branch 2 `[B, H, M2, d]`.
@@ -70,7 +92,11 @@ def dual_attention(
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
     if use_triton(q):
-        return dual_attention_triton(q, k1, v1, k2, v2, mask2, scale)
+        upcast, (q, k1, v1, k2, v2) = _upcast_bf16(q, k1, v1, k2, v2)
+        o1, o2 = dual_attention_triton(q, k1, v1, k2, v2, mask2, scale)
+        if upcast:
+            return o1.to(torch.bfloat16), o2.to(torch.bfloat16)
+        return o1, o2
     return dual_attention_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
 
 
@@ -106,5 +132,8 @@ def dual_attention_mse(
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
     if use_triton(q):
-        return dual_attention_mse_triton(q, k1, v1, k2, v2, mask2, scale)
+        upcast, (q, k1, v1, k2, v2) = _upcast_bf16(q, k1, v1, k2, v2)
+        o1, loss = dual_attention_mse_triton(q, k1, v1, k2, v2, mask2, scale)
+        # The loss is fp32 for every input dtype; only o1 goes back to the caller's bf16.
+        return (o1.to(torch.bfloat16) if upcast else o1), loss
     return dual_attention_mse_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)

@@ -8,6 +8,9 @@ for ``xling train``), so ``xling --help`` is fast.
 nested progress bars are hidden unless ``--verbose`` is given, before or after the command. An error a
 command lets through is printed as ``xling <command>: error: <message>`` on a line of its own, after any open
 progress bar is closed (with its traceback under ``--verbose``).
+
+No parser of the command line takes an abbreviated option (:class:`StrictParser`): ``--max_step 3`` is an
+error, ``xling train iap: error: unrecognized arguments: --max_step 3; did you mean '--max_steps'?``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import argparse
 import importlib
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from xling.train.console import close_progress_bars, quiet_third_party, xling_messages
 
@@ -39,14 +43,28 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
+class StrictParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` that takes options only as spelled in full.
+
+    argparse's default ``allow_abbrev=True`` takes any unique prefix, so ``--max_step 3`` would silently set
+    ``max_steps`` and ``--data.zh_colum`` ``data.zh_column``; a typo must be an error instead (with a
+    suggestion, see :func:`main`). ``add_subparsers`` makes its sub-parsers of the parser's own class, so every
+    parser the command modules add below the top one is strict too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The ``xling`` parser with every registered subcommand.
+    """The ``xling`` parser with every registered subcommand; no parser in it accepts abbreviated options.
 
     Args:
         argv: the command line it will parse; unless it runs ``xling train``, the recipes' options (which
             import torch) are left out, so ``xling --help`` answers at once. ``None``: everything.
     """
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="xling",
         description="Teach a frozen English text-to-image diffusion model prompts in another language.",
     )
@@ -67,7 +85,63 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             module.register(subparsers, recipes=with_recipes)
         else:
             module.register(subparsers)
+    for sub in iter_parsers(parser):
+        # A command module may pass its own parser_class (or a plain ArgumentParser) to add_subparsers.
+        sub.allow_abbrev = False
     return parser
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every parser reachable from it through sub-commands, depth first."""
+    yield parser
+    for action in parser._actions:  # argparse exposes sub-parsers only through its private action list
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for sub in action.choices.values():
+                if id(sub) not in seen:  # an alias maps a second name to the same parser
+                    seen.add(id(sub))
+                    yield from iter_parsers(sub)
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` was parsed for (``xling train iap``'s, not ``xling``'s)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None) if action.dest != argparse.SUPPRESS else None
+            if name in action.choices:
+                return command_parser(action.choices[name], args)
+    return parser
+
+
+def unknown_option_hint(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """``"; did you mean '--max_steps'?"`` for the unrecognized options closest to one of ``parser``'s.
+
+    Args:
+        parser: the parser of the command the user ran.
+        unknown: the unrecognized arguments; values and positionals are skipped.
+
+    Returns:
+        The hint, starting with ``"; "``, or ``""`` when no option is close to any of them.
+    """
+    from xling.train.config import close_keys  # only on this error path: the config module loads yaml
+
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or name == "--":
+            continue
+        # Compare without the dashes so the ranking weighs the words, not the shared "--" prefix.
+        close = ["--" + o for o in close_keys(name[2:], [o[2:] for o in options], n=2)]
+        if close:
+            hints.append((name, close))
+    if not hints:
+        return ""
+    if len(hints) == 1:
+        return f"; did you mean {' or '.join(repr(o) for o in hints[0][1])}?"
+    return (
+        "; did you mean " + ", ".join(f"{' or '.join(repr(o) for o in c)} for {n!r}" for n, c in hints) + "?"
+    )
 
 
 def split_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
@@ -111,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # argparse would blame the top-level parser ("xling: error: ..."); name the command instead.
         command = _command_name(args)
+        hint = unknown_option_hint(command_parser(parser, args), unknown)
         print(
-            f"{command}: error: unrecognized arguments: {' '.join(unknown)} (see '{command} --help')",
+            f"{command}: error: unrecognized arguments: {' '.join(unknown)}{hint} (see '{command} --help')",
             file=sys.stderr,
         )
         return EXIT_USAGE

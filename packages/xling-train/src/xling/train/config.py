@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -47,8 +48,12 @@ def option(default: Any, help: str) -> Any:
 class DataConfig:
     """Where the parallel captions (and images) come from."""
 
-    path: str = option(
-        TOY, "'toy' (generated toy-world pairs) or a JSONL/CSV/TSV/Parquet file or WebDataset shards."
+    # None (not given) rather than 'toy' by default: a real teacher left without --data would otherwise train on
+    # the toy world's captions without a word; `validate` turns None into 'toy' for the toy teacher only.
+    path: str | None = option(
+        None,
+        "'toy' (generated toy-world pairs) or a JSONL/CSV/TSV/Parquet file or WebDataset shards "
+        "(None: 'toy' with the toy teacher; a real teacher needs --data PATH).",
     )
     en_column: str = option("en", "Column holding the English caption.")
     zh_column: str = option("zh", "Column holding the target-language caption.")
@@ -61,6 +66,15 @@ class DataConfig:
     num_samples: int = option(512, "Toy world only: number of generated training pairs.")
     val_samples: int = option(16, "Rows held out for validation (toy world: held-out combinations).")
     num_workers: int = option(0, "DataLoader worker processes.")
+    resolution: int | None = option(
+        None,
+        "Image side the corpus's images are resized and cropped to (None: the teacher's resolution; "
+        "image recipes, files).",
+    )
+    crop: Literal["center", "random"] = option(
+        "center",
+        "'center' or 'random' crop of each resized image (random: seeded per row, so latents stay cacheable).",
+    )
     latent_cache: str | None = option(
         None, "Folder of a VAE latent cache, built on first use (image recipes, files)."
     )
@@ -94,6 +108,10 @@ class RecipeConfig:
     student: str = option(
         TOY,
         "Student encoder directory or Hub id ('toy': the MLM-pretrained toy student; 'toy-random', 'toy-aligned').",
+    )
+    variant: str | None = option(
+        None,
+        "Weights variant of the teacher's files ('fp16' loads *.fp16.safetensors; None: the default weights).",
     )
     output_dir: str = option(
         "", "Run directory: checkpoints/, logs/, adapter/, config.yaml, report (empty: runs/<recipe>)."
@@ -235,14 +253,52 @@ def flat_dict(config: RecipeConfig) -> dict[str, Any]:
     return flatten(to_dict(config))
 
 
+def close_keys(key: str, keys: Iterable[str], n: int = 3) -> list[str]:
+    """The dotted keys of ``keys`` closest to the misspelt ``key``, best first (``[]``: none is close).
+
+    Whole keys are compared first (``max_step`` -> ``max_steps``, ``data.zh_colum`` -> ``data.zh_column``);
+    when none is close, the last parts are, so a key typed without its section (``zh_column``) still finds
+    ``data.zh_column``. Only the keys about as close as the best one are kept (within 0.05 of its
+    :class:`difflib.SequenceMatcher` ratio): a typo has one answer, not every key that shares a suffix.
+
+    Args:
+        key: the unknown key, dotted.
+        keys: the valid dotted keys.
+        n: at most this many suggestions.
+    """
+
+    def best(word: str, candidates: list[str]) -> list[str]:
+        found = difflib.get_close_matches(word, candidates, n=n)
+        if not found:
+            return []
+        top = difflib.SequenceMatcher(None, word, found[0]).ratio()
+        return [c for c in found if difflib.SequenceMatcher(None, word, c).ratio() >= top - 0.05]
+
+    keys = sorted(keys)
+    found = best(key, keys)
+    if found:
+        return found
+    by_name: dict[str, list[str]] = {}
+    for k in keys:
+        by_name.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    return [k for name in best(key.rsplit(".", 1)[-1], list(by_name)) for k in by_name[name]][:n]
+
+
 def set_key(config: RecipeConfig, key: str, value: Any) -> None:
-    """Set the dotted ``key`` of ``config`` in place, parsing and checking ``value`` against its type."""
+    """Set the dotted ``key`` of ``config`` in place, parsing and checking ``value`` against its type.
+
+    Raises:
+        ValueError: ``key`` is not a key of the recipe's config: the message names the closest keys first
+            (``did you mean 'max_steps'?``), then every valid key.
+    """
     leaves = {k: tp for k, _, tp in iter_fields(type(config))}
     if key == "data" and isinstance(value, str):
         key = "data.path"  # `--data PATH` is the short form of `--data.path PATH`.
     if key not in leaves:
+        close = close_keys(key, leaves)
+        hint = f"did you mean {' or '.join(repr(k) for k in close)}? Valid keys" if close else "valid keys"
         raise ValueError(
-            f"unknown config key {key!r} for recipe {config.recipe!r}; valid keys: {', '.join(sorted(leaves))}"
+            f"unknown config key {key!r} for recipe {config.recipe!r}; {hint}: {', '.join(sorted(leaves))}"
         )
     *parents, name = key.split(".")
     target: Any = config
@@ -347,12 +403,22 @@ def load_config(
 def _finish(recipe: str, config: C) -> C:
     config.recipe = recipe
     config.output_dir = config.output_dir or f"runs/{recipe}"
+    if config.data.path is None and config.teacher == TOY:
+        # The toy teacher's own data; a real teacher's stays unset: its rows come from --data or the caller
+        # (run_recipe(train_data=...)), never silently from the toy world.
+        config.data.path = TOY
     validate(config)
     return config
 
 
-def validate(config: RecipeConfig) -> None:
-    """Raise ``ValueError`` naming the key for an option out of its choices or range."""
+def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
+    """Raise ``ValueError`` naming the key for an option out of its choices or range.
+
+    Args:
+        config: the config to check.
+        needs_data: the run reads its rows from ``config.data`` (no rows of the caller's): a real teacher then
+            needs ``data.path`` set, so that it never trains on the toy world's captions unasked.
+    """
     flat = flat_dict(config)
     for key, _, tp in iter_fields(type(config)):
         allowed = choices(tp)
@@ -366,6 +432,14 @@ def validate(config: RecipeConfig) -> None:
             raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]}")
     if config.lr <= 0:
         raise ValueError(f"config key 'lr' must be > 0, got {config.lr}")
+    if config.data.resolution is not None and config.data.resolution < 1:
+        raise ValueError(f"config key 'data.resolution' must be >= 1 or null, got {config.data.resolution}")
+    if needs_data and config.data.path is None:
+        raise ValueError(
+            f"teacher {config.teacher!r} needs training data and none was given (data.path is unset): pass "
+            "--data PATH (a JSONL/CSV/TSV/Parquet file, a folder of them or WebDataset tar shards), or "
+            "--data toy to train on the toy world's generated captions"
+        )
 
 
 def dump_yaml(config: RecipeConfig) -> str:

@@ -1,6 +1,8 @@
 """``xling eval --adapter DIR``: alignment, paired-generation agreement, toy-world accuracy, CLIP score.
 
-With the toy teacher (the default) every single-object scene is generated from its Chinese caption by the
+The teacher is the one the adapter records (``--teacher`` overrides it; toy for an adapter that records
+none), and the adapter's widths are checked against it before anything is sampled.
+With the toy teacher every single-object scene is generated from its Chinese caption by the
 student and from the parallel English caption by the teacher, at the same seeds, and the checker scores both.
 With another ``--teacher``, ``--prompts`` gives parallel captions (JSONL with ``en`` and ``zh`` keys; default:
 captions of the toy grammar) and the report has alignment, agreement and, with ``--clip-model``, CLIP score.
@@ -27,7 +29,19 @@ def register(subparsers: Any) -> None:
         "--adapter", required=True, metavar="DIR", help="adapter directory (xling train output)"
     )
     parser.add_argument(
-        "--teacher", default="toy", metavar="PATH", help="diffusers model directory (default: toy)"
+        "--teacher",
+        default=None,
+        metavar="PATH",
+        help="diffusers model directory or Hub id (default: the one the adapter records, else toy)",
+    )
+    parser.add_argument(
+        "--student-path",
+        default=None,
+        metavar="DIR",
+        help="where the adapter's student lives now, when it moved (frozen and LoRA adapters)",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
     )
     parser.add_argument("--clip-model", default=None, metavar="PATH", help="CLIP model for the CLIP score")
     parser.add_argument(
@@ -67,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
             max_scenes=args.max_scenes,
             clip_model=args.clip_model,
             device=args.device,
+            student_path=args.student_path,
+            variant=args.variant,
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"xling eval: error: {err}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """``xling generate --adapter DIR "红色的圆形" ...``: images from prompts in the adapter's language, to PNG.
 
 The adapter (a ``LanguageEncoder`` directory) turns the prompts into the teacher's ``prompt_embeds``; the
-teacher's own pipeline and sampler draw them, one image per prompt and seed. The default teacher is the toy
-world's, with its default sampler steps and guidance.
+teacher's own pipeline and sampler draw them, one image per prompt and seed. The default teacher is the one
+the adapter records (the teacher it was trained with; the toy world's for an adapter that records none);
+``--teacher`` overrides it, and the adapter's widths are checked against it before anything is sampled.
+The toy teacher samples at its own default steps and guidance, any other at 30 steps and guidance 7.5.
 """
 
 from __future__ import annotations
@@ -26,7 +28,19 @@ def register(subparsers: Any) -> None:
         "--adapter", required=True, metavar="DIR", help="adapter directory (xling train output)"
     )
     parser.add_argument(
-        "--teacher", default="toy", metavar="PATH", help="diffusers model directory (default: toy)"
+        "--teacher",
+        default=None,
+        metavar="PATH",
+        help="diffusers model directory or Hub id (default: the one the adapter records, else toy)",
+    )
+    parser.add_argument(
+        "--student-path",
+        default=None,
+        metavar="DIR",
+        help="where the adapter's student lives now, when it moved (frozen and LoRA adapters)",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="one image per seed"
@@ -62,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             scale=args.scale,
             device=args.device,
+            student_path=args.student_path,
+            variant=args.variant,
         )
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"xling generate: error: {err}", file=sys.stderr)

@@ -43,7 +43,8 @@ class ColumnMap:
     """Which column holds which field.
 
     Args:
-        en: Column of the English caption.
+        en: Column of the English caption; ``None``: the corpus has none (recipes that never read English,
+            such as ``denoise``), and every row's ``en`` is ``""``.
         target: Column of the caption in the target language (Chinese by default).
         image: Column of the image path (relative paths resolve against ``image_root``, else the
             corpus file's folder). In Parquet it may also hold encoded image bytes or a
@@ -52,7 +53,7 @@ class ColumnMap:
             means no row is culture-only. A culture-only row may have an empty or missing English caption.
     """
 
-    en: str = "en"
+    en: str | None = "en"
     target: str = "zh"
     image: str | None = "image"
     culture_only: str | None = None
@@ -63,7 +64,7 @@ class Row:
     """One validated row.
 
     Attributes:
-        en: English caption, stripped ("" only for culture-only rows).
+        en: English caption, stripped ("" only for culture-only rows, or with no English column).
         target: Target-language caption, stripped, never empty.
         image: Resolved image path, raw image bytes, or ``None`` for a text-only row.
         culture_only: Whether the row is culture-only.
@@ -266,8 +267,10 @@ class ParallelCorpus(Dataset[dict[str, Any]]):
                     f"column {columns.culture_only!r} is not a boolean: {record[columns.culture_only]!r}",
                 )
             culture_only = flag
-        texts = {}
+        texts = {"": ""}  # columns.en None: no English column, every row's English is ""
         for name in (columns.target, columns.en):
+            if name is None:
+                continue
             if name not in record:
                 if name == columns.en and culture_only:
                     texts[name] = ""
@@ -285,7 +288,7 @@ class ParallelCorpus(Dataset[dict[str, Any]]):
             if isinstance(image_or_bad, tuple):
                 return bad(*image_or_bad)
             image = image_or_bad
-        return Row(texts[columns.en], texts[columns.target], image, culture_only, path, line)
+        return Row(texts[columns.en or ""], texts[columns.target], image, culture_only, path, line)
 
     def _resolve_image(self, path: str, record: dict[str, Any]) -> str | bytes | tuple[str, str]:
         """Return the image path or bytes of a record, or ``(reason, detail)`` when unusable."""

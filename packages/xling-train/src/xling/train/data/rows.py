@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import IterableDataset, Subset
 
-from xling.train.data.corpus import ColumnMap, ParallelCorpus, columns_from
+from xling.train.data.corpus import ColumnMap, ParallelCorpus, _has_column, columns_from
 from xling.train.data.errors import OnBadRow
 from xling.train.data.images import CropPolicy
 from xling.train.data.shards import TarShardCorpus
@@ -120,6 +120,7 @@ def load_rows(
     *,
     resolution: int | None,
     with_images: bool,
+    with_english: bool = True,
     teacher: Any | None = None,
     accelerator: Any | None = None,
 ) -> tuple[Any, Any]:
@@ -128,10 +129,13 @@ def load_rows(
     ``teacher``) the rows carry cached latents / teacher embeddings, built once on the main process.
 
     Args:
-        config: The recipe config; ``config.data`` names the corpus, its columns and caches.
+        config: The recipe config; ``config.data`` names the corpus, its columns, caches, image size
+            (``data.resolution``, which wins over ``resolution``) and crop (``data.crop``).
         resolution: Image size ``R`` of the rows' ``image`` ``[3, R, R]`` (the teacher's); the toy world
             uses 32 when ``None``.
         with_images: Whether the recipe needs images (else the image column is ignored).
+        with_english: Whether the recipe reads the English captions; ``False`` (``denoise``) reads no English
+            column, so a corpus of target captions (and images) alone is enough.
         teacher: The frozen teacher, needed to build the caches.
         accelerator: The run's ``accelerate.Accelerator``: tar shards are split by its process index, and
             the caches are built on the main process first.
@@ -140,10 +144,17 @@ def load_rows(
         Map-style training and validation rows, or a streamed corpus and ``None`` for tar shards.
 
     Raises:
-        ValueError: a cache is asked for tar shards.
+        ValueError: a cache is asked for tar shards; ``data.path`` is unset for a real teacher; no row is
+            usable because a column the recipe needs is in no row of a file (the message names both).
     """
     data = config.data
-    if data.path == TOY:
+    # The config's own image size wins: a user may train below (or above) the teacher's native resolution.
+    resolution = data.resolution if data.resolution is not None else resolution
+    if data.path is None and config.teacher != TOY:
+        from xling.train.config import validate
+
+        validate(config, needs_data=True)  # raises, naming the --data fix
+    if data.path in (None, TOY):
         from xling.train.toyworld import ToyWorldDataset
 
         # Training pairs come from the training scenes; validation from the held-out combinations.
@@ -159,13 +170,14 @@ def load_rows(
     corpus = load_corpus(
         data.path,
         columns={
-            "en": data.en_column,
+            "en": data.en_column if with_english else None,
             "target": data.zh_column,
             "image": data.image_column if with_images else None,
             "culture_only": data.culture_column if getattr(config, "hybrid", False) else None,
         },
         on_bad_row=data.on_bad_row,
         resolution=resolution if with_images else None,
+        crop=data.crop,
         seed=config.seed,
         with_images=with_images,
         **streamed_kwargs,
@@ -173,6 +185,8 @@ def load_rows(
     report = getattr(corpus, "report", None)
     if report is not None and getattr(report, "total", 0):
         logger.warning("%s", report.summary())
+    if isinstance(corpus, ParallelCorpus) and not corpus.rows:
+        _raise_missing_columns(corpus, data.path)
     if isinstance(corpus, IterableDataset):
         if data.latent_cache or data.embedding_cache:
             raise ValueError("data.latent_cache / data.embedding_cache need a table corpus, not tar shards")
@@ -181,6 +195,22 @@ def load_rows(
         corpus = _cached(corpus, config, teacher, accelerator, with_images=with_images)
     n_val = min(data.val_samples, max(0, len(corpus) // 10))
     return Subset(corpus, range(n_val, len(corpus))), Subset(corpus, range(n_val))
+
+
+def _raise_missing_columns(corpus: ParallelCorpus, path: str) -> None:
+    """Name the column and file behind a corpus with no usable row, when a needed column is in none of a file's
+    rows (a wrong ``--data.en_column`` / ``--data.zh_column``, or a file of the wrong language)."""
+    columns = corpus.columns
+    for name, option in ((columns.target, "data.zh_column"), (columns.en, "data.en_column")):
+        if name is None:
+            continue
+        for file in corpus.paths:
+            if not _has_column(file, name):
+                raise ValueError(
+                    f"{file} has no column {name!r} ({option}), which this recipe reads; name the column "
+                    f"with --{option} NAME"
+                )
+    raise ValueError(f"no usable row in {path}: {corpus.report.summary()}")
 
 
 def _cached(
@@ -197,7 +227,8 @@ def _cached(
         if config.data.latent_cache and with_images:
             latents = LatentCache.load_or_build(config.data.latent_cache, corpus, teacher)
             logger.info("latent cache %s: %s", config.data.latent_cache, latents.status)
-        if config.data.embedding_cache:
+        # No English column (a recipe that never reads English): there is nothing for the teacher to encode.
+        if config.data.embedding_cache and corpus.columns.en is not None:
             text = TextEmbeddingCache.load_or_build(
                 config.data.embedding_cache, corpus.captions("en"), teacher
             )

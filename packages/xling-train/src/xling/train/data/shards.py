@@ -99,7 +99,8 @@ class TarShardCorpus(IterableDataset[dict[str, Any]]):
     Args:
         urls: A brace pattern (``"data/shard-{000000..000009}.tar"``) or a list of shard paths.
         columns: Texts are read from ``<columns.en>.txt`` and ``<columns.target>.txt`` members (or the
-            same keys of a ``.json`` member); ``columns.culture_only`` is read from the ``.json`` member.
+            same keys of a ``.json`` member); ``columns.en`` ``None``: no English caption is read (``""``);
+            ``columns.culture_only`` is read from the ``.json`` member.
         on_bad_row: ``"skip"`` or ``"fail"``; bad samples are named by shard and member.
         resolution: Load images resized and cropped to this size; ``None``: text only.
         crop: ``"center"`` or ``"random"``.
@@ -200,8 +201,10 @@ class TarShardCorpus(IterableDataset[dict[str, Any]]):
             if flag is None:
                 return bad(MALFORMED_ROW, f"{self.columns.culture_only!r} is not a boolean", f"{key}.json")
             culture_only = flag
-        texts = {}
+        texts = {"en": ""}  # columns.en None: no English caption (recipes that never read English)
         for field, column in (("target", self.columns.target), ("en", self.columns.en)):
+            if column is None:
+                continue
             member = f"{column}.txt"
             if member in files:
                 try:

@@ -11,8 +11,8 @@ Everything compares the student with the teacher it was trained to imitate, at i
 - **accuracy** (toy world): the checker's verdict per attribute on every generated image, for the student on
   Chinese prompts, for the teacher on the parallel English captions ("perfect translation", the student's
   upper bound) and for the teacher on canonical English captions (its own accuracy);
-- **CLIP score** through ``torchmetrics`` when a CLIP model directory is given (``pip install
-  "xling-train[eval]"``), of the student's and the teacher's images against the English captions.
+- **CLIP score** with transformers' ``CLIPModel`` from a local CLIP folder (``xling eval --clip-model DIR``), of
+  the student's and the teacher's images against the English captions.
 
 :func:`evaluate_toy` runs all of it on the toy world, :func:`evaluate_pairs` on any teacher and any list of
 parallel prompts; :func:`write_report` writes ``report.md``, ``metrics.json`` and ``grid.png``;
@@ -42,12 +42,15 @@ from xling.train.evaluation.report import (
 )
 from xling.train.evaluation.results import ATTRIBUTES, EvalResult, Samples
 from xling.train.evaluation.runs import (
+    adapter_teacher,
     evaluate_adapter,
     generate_images,
+    prompt_pairs_from_rows,
     read_prompt_pairs,
     write_run_report,
 )
 from xling.train.evaluation.sampling import (
+    check_fits,
     load_pipeline,
     sample,
     sampler_defaults,
@@ -62,8 +65,10 @@ __all__ = [
     "Conditioning",
     "EvalResult",
     "Samples",
+    "adapter_teacher",
     "agreement",
     "attention_alignment",
+    "check_fits",
     "clip_score",
     "embedding_alignment",
     "evaluate_adapter",
@@ -73,6 +78,7 @@ __all__ = [
     "generate_images",
     "latent_mse",
     "load_pipeline",
+    "prompt_pairs_from_rows",
     "psnr",
     "read_prompt_pairs",
     "report_markdown",

@@ -166,24 +166,68 @@ def attention_alignment(
     return float(np.mean(values))
 
 
-def clip_score(images: np.ndarray, captions: Sequence[str], model_path: str | Path) -> float:
-    """CLIP score (``100 * max(cos, 0)``, averaged) of images against captions, through torchmetrics.
+def clip_score(
+    images: np.ndarray,
+    captions: Sequence[str],
+    model_path: str | Path,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> float:
+    """CLIP score of images against captions: ``100 * max(cos(image_embeds, text_embeds), 0)``, averaged.
+
+    The definition of Hessel et al. (2021) and of torchmetrics' ``CLIPScore``, computed with transformers'
+    ``CLIPModel`` directly and offline: the model, its tokenizer and its image processor are read from
+    ``model_path`` (a ``save_pretrained`` folder such as a downloaded ``openai/clip-vit-large-patch14``), so
+    any folder name works and nothing is fetched. Images go through the folder's image processor (resize,
+    center crop, normalisation); captions are truncated to the text model's positions (77 for CLIP).
 
     Args:
         images: ``[N, H, W, 3]`` uint8.
         captions: ``N`` captions (English: CLIP reads English).
-        model_path: A local CLIP model directory (or a name the user's cache holds) for
-            ``torchmetrics.multimodal.CLIPScore``.
+        model_path: A local CLIP model directory with ``config.json``, the weights, the tokenizer files and
+            ``preprocessor_config.json``.
+        batch_size: Image-caption pairs per forward pass.
+        device: Where the CLIP model runs.
+
+    Returns:
+        The mean score over the ``N`` pairs, in ``[0, 100]``.
 
     Raises:
-        ImportError: torchmetrics is missing (install ``xling-train[eval]``).
+        ValueError: ``images`` and ``captions`` differ in number, or there are none.
+        OSError: ``model_path`` is not a CLIP model folder (transformers' message names the missing file).
     """
-    try:
-        from torchmetrics.multimodal.clip_score import CLIPScore
-    except ImportError as err:  # an optional extra
-        raise ImportError('CLIP score needs torchmetrics: pip install "xling-train[eval]"') from err
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
     if len(images) != len(captions):
         raise ValueError(f"images ({len(images)}) and captions ({len(captions)}) differ in number")
-    metric = CLIPScore(model_name_or_path=str(model_path))
-    metric.update(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), list(captions))
-    return float(metric.compute())
+    if len(images) == 0:
+        raise ValueError("clip_score needs at least one image")
+    path = str(model_path)
+    model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    max_length = model.config.text_config.max_position_embeddings
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = [np.ascontiguousarray(im) for im in images[start : start + batch_size]]
+            text = tokenizer(
+                list(captions[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+            # The forward's projected embeddings, not get_image_features / get_text_features: those return
+            # a tensor in transformers 4 and an output object in 5, while image_embeds and text_embeds
+            # mean the same in both.
+            out = model(
+                input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels
+            )
+            cos = torch.nn.functional.cosine_similarity(
+                out.image_embeds.float(), out.text_embeds.float(), dim=-1
+            )
+            scores.append(100.0 * cos.clamp_min(0.0))
+    return float(torch.cat(scores).mean())

@@ -11,12 +11,18 @@ from typing import Any
 
 import torch
 
-from xling.core import Conditioning, StudentEncoder
-from xling.train.evaluation.metrics import agreement, clip_score, embedding_alignment
+from xling.core import Conditioning, StudentEncoder, Teacher
+from xling.train.evaluation.metrics import (
+    agreement,
+    attention_alignment,
+    clip_score,
+    embedding_alignment,
+)
 from xling.train.evaluation.results import EvalResult, Samples
 from xling.train.evaluation.sampling import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    check_fits,
     load_pipeline,
     sample,
     seeded_rows,
@@ -189,8 +195,14 @@ def evaluate_pairs(
     num_examples: int = 8,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    attention_timesteps: Sequence[int] = (100, 500, 900),
+    variant: str | None = None,
 ) -> EvalResult:
-    """Alignment (embedding cosine), agreement and optional CLIP score on parallel prompts, any teacher.
+    """Alignment (embedding cosine, attention MSE), agreement and optional CLIP score on parallel prompts.
+
+    There are no scene renders off the toy world, so the attention MSE's pivots (the images the noised
+    latents come from) are the teacher's own generations of the English prompts at the first seed: the image
+    the teacher draws for a caption is the one its cross-attention should agree on for the translation.
 
     Args:
         encoder: The student (``xling.adapters.LanguageEncoder``), on ``device``.
@@ -204,19 +216,51 @@ def evaluate_pairs(
         num_examples: Prompts kept for the PNG grid.
         batch_size: Rows per pipeline call.
         device: Where the pipeline runs.
+        attention_timesteps: Timesteps of the attention-MSE probe (empty: not computed, and the report
+            says so).
+        variant: Weight-file variant of a teacher directory (``"fp16"``), see :func:`load_pipeline`.
+
+    Raises:
+        xling.adapters.WidthMismatchError: the student's head does not fit the teacher (before sampling).
     """
     start = time.perf_counter()
     if len(en_prompts) != len(zh_prompts) or not en_prompts:
         raise ValueError(
             f"en_prompts ({len(en_prompts)}) and zh_prompts ({len(zh_prompts)}) must be equal and > 0"
         )
-    pipe = load_pipeline(teacher, device=device)
+    pipe = load_pipeline(teacher, device=device, variant=variant)
+    check_fits(encoder, pipe, teacher_name(teacher))
+    # Wrapped before any sampling, as evaluate_toy does: freezing the modules in place can pick other float
+    # kernels, so every generation and the attention probe run on the same frozen modules.
+    frozen = (
+        (teacher if isinstance(teacher, Teacher) else Teacher.from_pipeline(pipe))
+        if attention_timesteps
+        else None
+    )
     sampler = dict(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size
     )
     run = compare(pipe, encoder, en_prompts, zh_prompts, seeds=seeds, clip_model=clip_model, **sampler)
+    alignment: dict[str, float | None] = {**embedding_alignment(run.student_cond, run.teacher_cond)}
+    notes: dict[str, str] = {}
+    if frozen is not None:
+        first = [run.rows.index(i) for i in range(len(en_prompts))]  # each prompt's first-seed image
+        pixels = torch.from_numpy(run.teacher_samples.images[first]).permute(0, 3, 1, 2)
+        alignment["attention_mse"] = attention_alignment(
+            frozen,
+            run.student_cond,
+            run.teacher_cond,
+            pixels.float() / 127.5 - 1.0,
+            timesteps=attention_timesteps,
+        )
+        notes["attention_pivots"] = (
+            f"the teacher's own generation of each English prompt (seed {int(seeds[0])})"
+        )
+    else:
+        alignment["attention_mse"] = None
+        notes["attention_mse_note"] = "not computed (no attention timesteps were given)"
     result = EvalResult(
-        alignment={**embedding_alignment(run.student_cond, run.teacher_cond), "attention_mse": None},
+        alignment=alignment,
         agreement=run.agreement,
         clip_score=run.clip_score,
         settings={
@@ -226,6 +270,7 @@ def evaluate_pairs(
             "scheduler": type(pipe.scheduler).__name__,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
+            **notes,
         },
         examples=examples(run, en_prompts, zh_prompts, num_examples),
     )

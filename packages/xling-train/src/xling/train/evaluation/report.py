@@ -141,6 +141,13 @@ def report_markdown(
         f"| {_num(a.get('token_cosine'), '.4f')} | {_num(a.get('mean_cosine'), '.4f')} | "
         f"{_num(a.get('pooled_cosine'), '.4f')} | {_num(a.get('attention_mse'))} |",
         "",
+    ]
+    # Off the toy world the report says what the attention MSE was measured on, or why it is n/a.
+    if "attention_pivots" in s:
+        lines += [f"Attention-MSE pivots: {s['attention_pivots']}.", ""]
+    if a.get("attention_mse") is None and "attention_mse_note" in s:
+        lines += [f"Attention MSE n/a: {s['attention_mse_note']}.", ""]
+    lines += [
         "## Paired-generation agreement (student vs teacher on the parallel English caption, same seeds)",
         "",
         "| latent MSE | PSNR (dB) |",

@@ -38,8 +38,8 @@ class EvalResult:
         relative_accuracy: Student ``all`` accuracy divided by the English teacher's (the issue's targets are
             >= 0.9 for IAP, >= 0.8 for PEA and MTN); ``None`` outside the toy world.
         alignment: ``token_cosine`` (``None`` when the student's length differs from the teacher's),
-            ``mean_cosine`` (token means), ``pooled_cosine`` (SDXL), ``attention_mse`` (``None`` where no
-            pivot images exist: :func:`~xling.train.evaluation.evaluate_pairs`).
+            ``mean_cosine`` (token means), ``pooled_cosine`` (SDXL), ``attention_mse`` (``None`` when not
+            computed; ``settings["attention_mse_note"]`` then says why).
         agreement: ``latent_mse`` and ``psnr`` (dB; ``inf`` when identical) between student- and
             teacher-conditioned generations at identical seeds.
         clip_score: ``{"zh_student": s, "perfect_translation": s}`` or ``None`` without a CLIP model.

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xling.adapters.io import check_widths
+from xling.adapters.pipeline import pipeline_widths
 from xling.core import Conditioning, StudentEncoder, Teacher
 from xling.train.evaluation.results import Samples
 from xling.train.toyworld.names import TOY, resolve_teacher
@@ -31,7 +33,11 @@ def sampler_defaults(teacher: Any, steps: int | None, guidance: float | None) ->
 
 
 def load_pipeline(
-    teacher: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    teacher: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
 ) -> Any:
     """A diffusers SD / SDXL pipeline for ``teacher``.
 
@@ -41,13 +47,16 @@ def load_pipeline(
             directory it was loaded from).
         device: Device of the pipeline.
         dtype: Weight dtype.
+        variant: Weight-file variant of a directory or id (``"fp16"`` reads ``*.fp16.safetensors``), as
+            ``DiffusionPipeline.from_pretrained(..., variant=)``.
     """
     from diffusers import DiffusionPipeline
 
     if isinstance(teacher, DiffusionPipeline):
         pipe = teacher
     elif isinstance(teacher, str | Path):
-        pipe = DiffusionPipeline.from_pretrained(resolve_teacher(str(teacher)), dtype=dtype).to(device)
+        path = resolve_teacher(str(teacher))
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant).to(device)
     elif isinstance(teacher, Teacher):
         pipe = _pipeline_from_teacher(teacher)
     else:
@@ -56,6 +65,34 @@ def load_pipeline(
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_fits(encoder: Any, pipe: Any, teacher: Any) -> None:
+    """Raise before any sampling when the encoder's head does not fit the pipeline's widths.
+
+    The same check (and error) as ``xling.adapters.attach``: the head's ``teacher_width`` against the UNet's
+    ``cross_attention_dim`` and, for SDXL, its pooled width. A student without a head config (a test double,
+    a custom ``StudentEncoder``) carries no widths and is not checked.
+
+    Args:
+        encoder: The student; its ``head.config`` (an ``xling.adapters`` ``HeadConfig``) is checked.
+        pipe: A diffusers SD / SDXL pipeline.
+        teacher: What the error calls the teacher (its name or path).
+
+    Raises:
+        xling.adapters.WidthMismatchError: a width differs; the message names each one.
+    """
+    head_config = getattr(getattr(encoder, "head", None), "config", None)
+    if head_config is None or not hasattr(head_config, "teacher_width"):
+        return
+    cross_attention_dim, needs_pooled, pooled_width = pipeline_widths(pipe)
+    check_widths(
+        head_config,
+        cross_attention_dim=cross_attention_dim,
+        pooled_width=pooled_width,
+        needs_pooled=needs_pooled,
+        where=f"the teacher {teacher}",
+    )
 
 
 def _pipeline_from_teacher(teacher: Teacher) -> Any:

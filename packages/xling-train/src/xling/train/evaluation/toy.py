@@ -14,7 +14,7 @@ from xling.core import StudentEncoder, Teacher
 from xling.train.evaluation.metrics import attention_alignment, embedding_alignment
 from xling.train.evaluation.pairs import compare, examples, teacher_name, teacher_samples
 from xling.train.evaluation.results import ATTRIBUTES, EvalResult, Samples
-from xling.train.evaluation.sampling import load_pipeline, toy_sampler_defaults
+from xling.train.evaluation.sampling import check_fits, load_pipeline, toy_sampler_defaults
 from xling.train.toyworld import world
 from xling.train.toyworld.names import TOY
 
@@ -87,6 +87,7 @@ def evaluate_toy(
     batch_size: int = 48,
     device: str | torch.device = "cpu",
     reference_cache: dict[Any, Samples] | None = None,
+    variant: str | None = None,
 ) -> EvalResult:
     """Evaluate a student on the toy world: checker accuracy, alignment, agreement, optional CLIP score.
 
@@ -117,12 +118,17 @@ def evaluate_toy(
         reference_cache: A dict to keep the teacher's generations in between calls with the same pipeline,
             scenes and sampler (they do not depend on the student): a benchmark evaluating many students
             samples the teacher once.
+        variant: Weight-file variant of a teacher directory (``"fp16"``), see :func:`load_pipeline`.
+
+    Raises:
+        xling.adapters.WidthMismatchError: the student's head does not fit the teacher (before sampling).
     """
     start = time.perf_counter()
     default_steps, default_guidance = toy_sampler_defaults()
     steps = num_inference_steps or default_steps
     guidance = guidance_scale if guidance_scale is not None else default_guidance
-    pipe = load_pipeline(teacher, device=device)
+    pipe = load_pipeline(teacher, device=device, variant=variant)
+    check_fits(encoder, pipe, teacher_name(teacher))
     # Made before any sampling: wrapping freezes the modules in place, which can pick other float kernels, so
     # every generation of this pipeline (cached references included) runs on the same frozen modules.
     frozen = teacher if isinstance(teacher, Teacher) else Teacher.from_pipeline(pipe)

@@ -1,8 +1,9 @@
 """The recipe registry and :func:`run_recipe`, the one entry point the CLI and ``xling bench`` call.
 
 A recipe is one module: its config dataclass (the home of every default), ``SUMMARY`` (one line), ``NEEDS_IMAGES``,
-its ``TrainStep`` (what trains, what is tapped, which loss terms with which weights) and
-``build(config, *, device, dtype) -> TrainStep``. Adding one is a module and a name in :data:`RECIPES`; the
+optionally ``NEEDS_ENGLISH`` (default ``True``; ``False`` for a recipe that never reads the English captions, so a
+corpus without an English column is enough), its ``TrainStep`` (what trains, what is tapped, which loss terms
+with which weights) and ``build(config, *, device, dtype) -> TrainStep``. Adding one is a module and a name in :data:`RECIPES`; the
 CLI's options and summaries, bench's recipe list and the config classes all come from :func:`get_recipe`.
 """
 
@@ -35,6 +36,7 @@ class Recipe:
         name: the recipe's name (its module's).
         summary: one line for ``xling train --help``.
         needs_images: whether it trains on images (else on captions alone).
+        needs_english: whether it reads the English captions (else a corpus needs no English column).
         config_class: its config dataclass.
         build: ``build(config, *, device, dtype) -> TrainStep``.
         module: the module itself.
@@ -43,6 +45,7 @@ class Recipe:
     name: str
     summary: str
     needs_images: bool
+    needs_english: bool
     config_class: type[RecipeConfig]
     build: Callable[..., TrainStep]
     module: ModuleType
@@ -58,7 +61,17 @@ class Recipe:
             for v in vars(module).values()
             if isinstance(v, type) and issubclass(v, RecipeConfig) and v.__module__ == module.__name__
         ]
-        return cls(name, module.SUMMARY, bool(module.NEEDS_IMAGES), config_class, module.build, module)
+        # Most recipes compare with the teacher's English conditioning, so a module says so only when it does not.
+        needs_english = bool(getattr(module, "NEEDS_ENGLISH", True))
+        return cls(
+            name,
+            module.SUMMARY,
+            bool(module.NEEDS_IMAGES),
+            needs_english,
+            config_class,
+            module.build,
+            module,
+        )
 
 
 @functools.cache
@@ -87,7 +100,8 @@ def run_recipe(
         overrides: dotted keys over ``config``, as a mapping (``{"lr": 1e-4, "data.path": "x.jsonl"}``) or as
             command-line tokens (``["--lr", "1e-4"]``).
         train_data: rows to train on instead of ``config.data`` (map-style dataset of dicts with ``en``,
-            ``zh``/``target`` and, for image recipes, ``image [3, H, W]`` in [-1, 1] or ``latents``).
+            ``zh``/``target`` and, for image recipes, ``image [3, H, W]`` in [-1, 1] or ``latents``); without
+            them a real teacher needs ``data.path`` (the toy world's captions are never used unasked).
         val_data: validation rows to go with ``train_data``.
         on_step: callback ``(update, logs, step)`` after every update and its checkpoint (main process);
             ``step.save(dir)`` writes the adapter as it stands.
@@ -96,18 +110,21 @@ def run_recipe(
         The ``RunResult``: steps, per-update losses and terms, adapter directory, config path, report files.
 
     Raises:
-        ValueError: an unknown recipe or config key, or data that does not fit.
+        ValueError: an unknown recipe or config key, no ``train_data`` and no ``data.path`` for a real teacher
+            (the message names ``--data PATH``), or data that does not fit.
         xling.train.loop.NonFiniteTrainingError: a loss term became NaN/inf (the last checkpoint is intact).
     """
     import torch
     from accelerate.utils import set_seed
 
-    from xling.train.config import load_config
+    from xling.train.config import load_config, validate
     from xling.train.data import load_rows
     from xling.train.loop import frozen_dtype, make_accelerator, train
 
     recipe = get_recipe(name)
     cfg = load_config(name, config, overrides)
+    # Before the teacher loads (minutes for a real one): rows of its own or a corpus to read them from.
+    validate(cfg, needs_data=train_data is None)
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
     step = recipe.build(cfg, device=accelerator.device, dtype=frozen_dtype(accelerator))
@@ -118,25 +135,30 @@ def run_recipe(
                 cfg,
                 resolution=step.teacher.resolution,
                 with_images=recipe.needs_images,
+                with_english=recipe.needs_english,
                 teacher=step.teacher,
                 accelerator=accelerator,
             )
     result = train(step, cfg, train_data, val_data, accelerator=accelerator, on_step=on_step)
     if cfg.eval.enabled and accelerator.is_main_process and result.adapter_dir is not None:
-        from xling.train.evaluation import write_run_report
+        from xling.train.evaluation import prompt_pairs_from_rows, write_run_report
         from xling.train.toyworld.names import TOY
 
+        toy = cfg.teacher == TOY
+        # Off the toy world the report scores held-out rows of the run's own data: the validation pairs.
+        pairs = None if toy else prompt_pairs_from_rows(val_data, cfg.eval.num_prompts)
         result.files.update(
             write_run_report(
                 adapter_dir=result.adapter_dir,
                 output_dir=result.output_dir,
                 teacher=cfg.teacher,
-                toy=cfg.teacher == TOY,
+                toy=toy,
                 num_prompts=cfg.eval.num_prompts,
                 seeds=list(cfg.eval.seeds),
                 num_inference_steps=cfg.eval.num_inference_steps,
                 guidance_scale=cfg.eval.guidance_scale,
                 max_scenes=cfg.eval.max_scenes,
+                prompt_pairs=pairs,
             )
         )
     return result

@@ -76,16 +76,28 @@ class TrainStep(nn.Module, Generic[ConfigT]):
 
         A toy student is copied in even when frozen: it lives inside the installed package, so the path a frozen
         student is recorded by would not survive a reinstall or a copy of the adapter to another machine.
+
+        The teacher is recorded (``config.json["teacher"]``) so ``xling generate`` / ``xling eval`` default to it:
+        ``"toy"`` for the toy teacher (its folder is inside the installed package), a local folder as an
+        absolute path (the adapter may be used from another working directory), a Hub id as is.
         """
+        from xling.train.toyworld.names import TOY
+
         path = Path(output_dir) / "adapter"
         include = toy_student_variant(self.config.student) is not None
-        self.encoder.save_pretrained(path, include_student=include)
+        teacher = self.config.teacher
+        if teacher != TOY and Path(teacher).expanduser().is_dir():
+            teacher = str(Path(teacher).expanduser().resolve())
+        self.encoder.save_pretrained(path, include_student=include, teacher=teacher)
         return {"adapter": path}
 
 
 def load_teacher(config: RecipeConfig, *, device: torch.device | str, dtype: torch.dtype) -> Teacher:
-    """The frozen teacher ``config.teacher`` names (``"toy"``: the committed one), in ``dtype`` on ``device``."""
-    return Teacher.from_pretrained(resolve_teacher(config.teacher), dtype=dtype, device=device)
+    """The frozen teacher ``config.teacher`` names (``"toy"``: the committed one), in ``dtype`` on ``device``,
+    from its ``config.variant`` weight files (``"fp16"``: ``*.fp16.safetensors``; ``None``: the default ones)."""
+    return Teacher.from_pretrained(
+        resolve_teacher(config.teacher), dtype=dtype, device=device, variant=config.variant
+    )
 
 
 def head_widths(teacher: Teacher, student: str) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from xling.train.recipes.base import TrainStep, head_widths, load_teacher, stude
 
 SUMMARY = "plain denoising loss on the student, the cross-attention K/V or the UNet (needs images)"
 NEEDS_IMAGES = True
+#: The loss reads only the target captions and the images: a corpus needs no English column.
+NEEDS_ENGLISH = False
 
 #: Name fragments of the parameters ``trainable="kv"`` trains: the cross-attention key/value projections.
 KV_SUFFIXES = ("attn2.to_k.weight", "attn2.to_k.bias", "attn2.to_v.weight", "attn2.to_v.bias")

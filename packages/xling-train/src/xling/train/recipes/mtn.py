@@ -8,6 +8,15 @@ Text only. The translator maps the student's sequence ``[B, S, d]`` to the teach
 ``L_D`` is the discriminator's loss (real: ``E_en``, fake: ``T(h)``) taken through a gradient-reversal layer
 on the fake side (Ganin & Lempitsky, 2015): one backward trains the discriminator to tell them apart and the
 translator to fool it, with one optimizer.
+
+Captions longer than the student's window. The translator reads one window at a time, as every head does
+(:meth:`xling.adapters.LanguageEncoder.forward` applies the head window by window and concatenates the
+windows' ``[77, D]`` translations): a caption of ``C`` windows gives ``h`` of ``[B, C * W, d]``, cut back into
+``C`` windows of ``W`` tokens, each translated to ``[77, D]``. The teacher's own CLIP tokenizer truncates the
+English caption at 77 tokens, so ``E_en`` stands for the beginning of the caption only: the MSE, the
+adversarial term and the SDXL pooled term compare the **first** window's translation with it, while the
+reconstruction (which needs no teacher) runs over **every** window (filler windows of shorter captions in the
+batch are masked out).
 """
 
 from __future__ import annotations
@@ -59,23 +68,28 @@ class MTNStep(TrainStep[MTNConfig]):
         with torch.no_grad():
             english = self.english(batch)
             target = english.prompt_embeds.float()  # [B, 77, D]
-            student = self.encoder.encode(batch.zh)  # hidden_states [B, L, d] (frozen)
-        hidden = student.hidden_states.float()
-        out = translator(hidden, student.attention_mask)  # prompt_embeds [B, 77, D]
-        source, source_mask = translator.pad_source(hidden, student.attention_mask)  # [B, S, d], [B, S]
-        recon = translator.reconstruct(out.prompt_embeds)  # [B, S, d]
+            student = self.encoder.encode(batch.zh)  # hidden_states [B, C*W, d] (frozen)
+        b, c_windows = len(batch), student.num_chunks
+        # One window at a time, as LanguageEncoder.forward applies the head at inference (module docstring).
+        hidden = student.hidden_states.float().reshape(b * c_windows, -1, student.hidden_states.shape[-1])
+        mask = student.attention_mask.reshape(b * c_windows, -1)  # [B*C, W], 0 on filler windows
+        out = translator(hidden, mask)  # prompt_embeds [B*C, 77, D]
+        source, source_mask = translator.pad_source(hidden, mask)  # [B*C, S, d], [B*C, S]
+        recon = translator.reconstruct(out.prompt_embeds)  # [B*C, S, d]
+        # The first window of each caption: what the teacher's 77-token English embedding stands for.
+        first = out.prompt_embeds.reshape(b, c_windows, *out.prompt_embeds.shape[1:])[:, 0]  # [B, 77, D]
         real = self.discriminator(target)
-        fake = self.discriminator(grad_reverse(out.prompt_embeds, c.grl_scale))
+        fake = self.discriminator(grad_reverse(first, c.grl_scale))
         terms = {
-            "mse": F.mse_loss(out.prompt_embeds, target),
+            "mse": F.mse_loss(first, target),
             "reconstruction": reconstruction(source, recon, source_mask),
             "adversarial": discriminator_loss(real, fake),
         }
         if english.pooled_prompt_embeds is not None and out.pooled_prompt_embeds is not None:
-            # SDXL: the translator's pooled projection feeds the UNet's added conditions; match it too.
-            terms["pooled"] = F.mse_loss(
-                out.pooled_prompt_embeds.float(), english.pooled_prompt_embeds.float()
-            )
+            # SDXL: the translator's pooled projection feeds the UNet's added conditions; match it too (the
+            # encoder's pooled output is the first window's as well).
+            pooled = out.pooled_prompt_embeds.reshape(b, c_windows, -1)[:, 0]
+            terms["pooled"] = F.mse_loss(pooled.float(), english.pooled_prompt_embeds.float())
         weights = {
             "mse": c.mse_weight,
             "reconstruction": c.reconstruction_weight,
