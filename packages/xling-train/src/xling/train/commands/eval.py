@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xling.train.commands import add_model_arguments
+
 
 def register(subparsers: Any) -> None:
     """Add ``xling eval``."""
@@ -25,24 +27,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory (xling train output)"
-    )
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        metavar="PATH",
-        help="diffusers model directory or Hub id (default: the one the adapter records, else toy)",
-    )
-    parser.add_argument(
-        "--student-path",
-        default=None,
-        metavar="DIR",
-        help="where the adapter's student lives now, when it moved (frozen and LoRA adapters)",
-    )
-    parser.add_argument(
-        "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--clip-model", default=None, metavar="PATH", help="CLIP model for the CLIP score")
     parser.add_argument(
         "--prompts", type=Path, default=None, metavar="FILE", help="JSONL of {en, zh} (non-toy)"

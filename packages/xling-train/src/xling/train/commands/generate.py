@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xling.train.commands import add_model_arguments
+
 
 def register(subparsers: Any) -> None:
     """Add ``xling generate``."""
@@ -24,24 +26,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompts in the adapter's language")
-    parser.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory (xling train output)"
-    )
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        metavar="PATH",
-        help="diffusers model directory or Hub id (default: the one the adapter records, else toy)",
-    )
-    parser.add_argument(
-        "--student-path",
-        default=None,
-        metavar="DIR",
-        help="where the adapter's student lives now, when it moved (frozen and LoRA adapters)",
-    )
-    parser.add_argument(
-        "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="one image per seed"
     )
