@@ -89,7 +89,7 @@ def write_clip_tokenizer(directory: Path, text: tuple[str, ...] = BILINGUAL_TEXT
     return directory
 
 
-def _clip_text_config(tokenizer, hidden: int = 32, projection_dim: int = 32, hidden_act: str = "quick_gelu"):
+def clip_text_config(tokenizer, hidden: int = 32, projection_dim: int = 32, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -150,7 +150,7 @@ def build_sd(directory: Path, *, sd2: bool = False) -> Path:
         use_linear_projection=sd2,
         norm_num_groups=4,
     )
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_act="gelu" if sd2 else "quick_gelu"))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_act="gelu" if sd2 else "quick_gelu"))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -200,7 +200,7 @@ def build_sdxl(directory: Path) -> Path:
         cross_attention_dim=64,
         norm_num_groups=4,
     )
-    config = _clip_text_config(tokenizer, hidden_act="gelu")
+    config = clip_text_config(tokenizer, hidden_act="gelu")
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -33,17 +33,7 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _tiny.write_clip_tokenizer(directory)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=_tiny.clip_text_config(tokenizer, projection_dim=16).to_dict(),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
