@@ -120,6 +120,9 @@ def align(pretrained: Path, steps: int, lr: float, seed: int) -> tuple[BertModel
             "max_steps": steps,
             "lr": lr,
             "seed": seed,
+            # the head and dropout student-aligned was made with (before distill took AltCLIP's preset)
+            "pre_norm": False,
+            "student_dropout": True,
             "output_dir": tmp,
             "checkpoint_every": 0,
             "log_with": "none",

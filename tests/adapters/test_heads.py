@@ -178,3 +178,36 @@ def test_mixer_output_is_not_normalised_over_tokens():
         loss.backward()
         opt.step()
     assert loss.item() < 0.01 * target.var().item(), loss.item()
+
+
+def test_gluenet_variant_is_gluegens_layout_and_scales(tmp_path):
+    with torch.device("meta"):
+        big = MixerTranslator(
+            MixerTranslatorConfig(student_width=1024, teacher_width=768, translator="gluenet")
+        )
+    # GlueGen's Translator_noln(77, 1024, 768, 2, 5): 132 tensors (60 of them LayerNorm), 50,179,776 parameters
+    assert len(big.encoder.state_dict()) == 132 and _count(big.encoder) == 50_179_776
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in big.encoder.modules()) == 30
+    torch.manual_seed(0)
+    scale = [float(i + 1) for i in range(6)]
+    cfg = MixerTranslatorConfig(
+        student_width=8, teacher_width=4, source_length=5, target_length=6, depth=1, translator="gluenet",
+        positions="all", input_scale=0.5, output_scale=scale,
+    )  # fmt: skip
+    head = MixerTranslator(cfg)
+    h, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = head(h, mask).prompt_embeds
+    torch.testing.assert_close(out, head.encoder(h * 0.5) * torch.tensor(scale)[:, None])
+    h2 = h.clone()
+    h2[0, 3:] = 100.0  # padding is read with positions="all", as GlueGen reads it
+    assert not torch.allclose(head(h2, mask).prompt_embeds[0], out[0])
+    assert head.pad_source(h, mask)[1].tolist() == [[1.0] * 5] * 2
+    # output_scale is rebuilt from config.json, not stored beside GlueGen's tensors
+    assert "output_scale" not in head.state_dict()
+    head.save_pretrained(tmp_path / "head")
+    loaded = MixerTranslator.from_pretrained(tmp_path / "head")
+    torch.testing.assert_close(loaded(h, mask).prompt_embeds, out)
+    with pytest.raises(ValueError, match="`output_scale` has 2 values; one per output position"):
+        MixerTranslatorConfig(target_length=6, output_scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="`translator` must be 'gluenet' or 'xling'"):
+        MixerTranslatorConfig(translator="glue")

@@ -17,7 +17,7 @@ PAPER = {
     ("pea", "lr"): 1e-5,
     ("pea", "feature_weight"): 0.1,
     ("mtn", "lr"): 1e-4,
-    ("mtn", "num_blocks"): None,  # the translator default: GlueNet's 5 blocks
+    ("mtn", "num_blocks"): 5,  # GlueNet's depth, for every real-teacher run
     ("align", "lora_r"): 16,
     ("align", "lora_alpha"): 64,
     ("align", "unfreeze_layers"): 3,

@@ -81,22 +81,22 @@ def test_jsonl_rows_images_and_report(tmp_path: Path, image_dir: Path) -> None:
     report = corpus.report
     assert report.total == 6
     assert dict(report.counts) == {
-        "empty caption": 2,
-        "malformed row": 1,
-        "missing image": 1,
-        "unreadable image": 1,
-        "missing column": 1,
+        "empty_caption": 2,
+        "malformed_row": 1,
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "missing_column": 1,
     }
     summary = report.summary()
-    assert summary.startswith("skipped 6 rows: 2 empty caption (data.jsonl:4, :9)")
-    assert "1 unreadable image (data.jsonl:7)" in summary and "1 missing column (data.jsonl:8)" in summary
+    assert summary.startswith("skipped 6 rows: 2 empty_caption (data.jsonl:4, :9)")
+    assert "1 unreadable_image (data.jsonl:7)" in summary and "1 missing_column (data.jsonl:8)" in summary
 
 
 def test_fail_policy_names_file_line_and_problem(tmp_path: Path) -> None:
     path = _jsonl(
         tmp_path / "d.jsonl", [json.dumps({"en": "a", "zh": "甲"}), json.dumps({"en": "b", "zh": ""})]
     )
-    with pytest.raises(DataError, match=r"d\.jsonl:2: empty caption: column 'zh' is empty") as info:
+    with pytest.raises(DataError, match=r"d\.jsonl:2: empty_caption: column 'zh' is empty") as info:
         load_corpus(path, on_bad_row="fail")
     assert info.value.bad_row.line == 2
     with pytest.raises(ValueError, match="on_bad_row must be"):
@@ -134,13 +134,13 @@ def test_csv_tsv_parquet_columns_and_culture_flag(tmp_path: Path) -> None:
         assert [c["culture_only"] for c in corpus] == [False, True] + ([False] if path == csv_path else [])
         assert corpus[1]["en"] == "" and corpus[1]["target"] == "舞龙"
         bad = {reason: [r.line for r in rows_] for reason, rows_ in corpus.report.examples.items()}
-        assert bad["empty caption"] == [4] if path != parquet_path else [3]
-        assert bad["malformed row"][0] == (5 if path != parquet_path else 4)
+        assert bad["empty_caption"] == [4] if path != parquet_path else [3]
+        assert bad["malformed_row"][0] == (5 if path != parquet_path else 4)
     csv_corpus = load_corpus(
         csv_path, columns={"en": "english", "target": "chinese", "image": None, "culture_only": "culture"}
     )
     assert csv_corpus[2]["en"] == "multi\nline en"
-    assert [r.line for r in csv_corpus.report.examples["malformed row"]] == [5, 8]
+    assert [r.line for r in csv_corpus.report.examples["malformed_row"]] == [5, 8]
     with pytest.raises(ValueError, match="unknown column keys"):
         load_corpus(csv_path, columns={"english": "en"})
 
@@ -159,7 +159,7 @@ def test_parquet_image_bytes_and_with_images_required(tmp_path: Path) -> None:
     )
     pq.write_table(table, tmp_path / "hf.parquet")
     corpus = load_corpus(tmp_path / "hf.parquet", resolution=8, crop="random", seed=3)
-    assert len(corpus) == 1 and corpus.report.counts["unreadable image"] == 1
+    assert len(corpus) == 1 and corpus.report.counts["unreadable_image"] == 1
     first, again = corpus[0], corpus[0]
     assert torch.equal(first["image"], again["image"])  # a random crop is fixed per row
     assert first["image"].shape == (3, 8, 8)
@@ -167,7 +167,7 @@ def test_parquet_image_bytes_and_with_images_required(tmp_path: Path) -> None:
     text_only = _jsonl(tmp_path / "t.jsonl", [json.dumps({"en": "a", "zh": "甲"})])
     assert "image" not in load_corpus(text_only, resolution=8)[0]
     strict = load_corpus(text_only, resolution=8, with_images=True)
-    assert len(strict) == 0 and strict.report.counts["missing column"] == 1
+    assert len(strict) == 0 and strict.report.counts["missing_column"] == 1
 
 
 def test_image_transform_resize_crop_and_validation() -> None:
@@ -361,12 +361,12 @@ def test_tar_shards_stream_bad_samples_and_workers(tmp_path: Path) -> None:
     assert [item["key"] for item in items] == ["shard-000000.tar/0001", "shard-000000.tar/0002"]
     assert items[1]["image"].shape == (3, 8, 8) and items[1]["target"] == "蓝色方形"
     counts = dict(corpus.report.counts)
-    assert counts["missing column"] >= 1 and counts["unreadable image"] == 1 and counts["empty caption"] == 1
-    bad = corpus.report.examples["unreadable image"][0]
+    assert counts["missing_column"] >= 1 and counts["unreadable_image"] == 1 and counts["empty_caption"] == 1
+    bad = corpus.report.examples["unreadable_image"][0]
     assert bad.member == "0004.jpg" and bad.location(short=True) == "shard-000000.tar:0004.jpg"
     assert corpus.scan().total == corpus.report.total
 
-    with pytest.raises(DataError, match=r"shard-000000\.tar:0003: missing column"):
+    with pytest.raises(DataError, match=r"shard-000000\.tar:0003: missing_column"):
         list(TarShardCorpus(pattern, resolution=8, on_bad_row="fail"))
 
     # Two workers split the shards; every good sample still arrives exactly once, numbered -1 (the loop
@@ -424,7 +424,7 @@ def test_tar_truncated_shard_and_shuffle_is_seeded(tmp_path: Path) -> None:
     cut = _tar(tmp_path / "cut.tar", members, truncate=whole.stat().st_size // 2 + 100)
     corpus = TarShardCorpus([cut])
     got = list(corpus)
-    assert 0 < len(got) < 20 and corpus.report.counts["malformed row"] == 1
+    assert 0 < len(got) < 20 and corpus.report.counts["truncated_shard"] == 1
 
     def order(seed: int, epoch: int) -> list[str]:
         shuffled = TarShardCorpus([whole], shuffle_buffer=8, seed=seed)
@@ -438,13 +438,13 @@ def test_tar_truncated_shard_and_shuffle_is_seeded(tmp_path: Path) -> None:
 def test_report_merge_and_bad_row_str() -> None:
     one, two = BadRowReport(max_examples=2), BadRowReport(max_examples=2)
     for line in (1, 2, 3):
-        one.add(BadRow("a.jsonl", line, "empty caption", "column 'zh' is empty"))
-    two.add(BadRow("b.jsonl", 4, "empty caption", "x"))
+        one.add(BadRow("a.jsonl", line, "empty_caption", "column 'zh' is empty"))
+    two.add(BadRow("b.jsonl", 4, "empty_caption", "x"))
     one.merge(two)
-    assert one.total == 4 and len(one.examples["empty caption"]) == 2
-    assert one.summary() == "skipped 4 rows: 4 empty caption (a.jsonl:1, :2, ...)"
+    assert one.total == 4 and len(one.examples["empty_caption"]) == 2
+    assert one.summary() == "skipped 4 rows: 4 empty_caption (a.jsonl:1, :2, ...)"
     assert (
-        str(BadRow("a.jsonl", 3, "empty caption", "column 'zh' is empty"))
-        == "a.jsonl:3: empty caption: column 'zh' is empty"
+        str(BadRow("a.jsonl", 3, "empty_caption", "column 'zh' is empty"))
+        == "a.jsonl:3: empty_caption: column 'zh' is empty"
     )
     assert BadRowReport().summary() == "skipped 0 rows"

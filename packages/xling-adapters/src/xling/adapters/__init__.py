@@ -15,7 +15,7 @@ from xling.adapters.config import (
 )
 from xling.adapters.encoder import Conditioning, LanguageEncoder, LanguageEncoderConfig, StudentHiddenStates
 from xling.adapters.head import AdapterHead, HeadOutput
-from xling.adapters.io import WidthMismatchError, check_widths, load_head
+from xling.adapters.io import WeightFileError, WidthMismatchError, check_widths, load_head
 from xling.adapters.linear import LinearHead
 from xling.adapters.lora import apply_lora, default_lora_targets, unfreeze_last_layers
 from xling.adapters.mixer import MixerTranslator
@@ -38,6 +38,7 @@ __all__ = [
     "MixerTranslator",
     "MixerTranslatorConfig",
     "StudentHiddenStates",
+    "WeightFileError",
     "WidthMismatchError",
     "XlingPipeline",
     "apply_lora",

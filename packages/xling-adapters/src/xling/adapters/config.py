@@ -104,6 +104,11 @@ class MLPAdapterConfig(HeadConfig):
         hidden_width: width of the hidden Linear layers (1024 gives PEA's 6.0M SDXL adapter).
         num_layers: number of bias-free Linear layers in the stack (>= 2; GELU between them).
         layer_norm_eps: epsilon of the input LayerNorm.
+        pooled: SDXL's pooled vector, the token mean of the stack output over ``"all"`` positions of the
+            padded window (padding included, as the PEA code's ``torch.mean(x, 1)``; what a PEA checkpoint
+            was trained with) or over the ``"masked"`` real tokens only (xling's rule: it does not depend on
+            how far a prompt was padded). ``"masked"`` is the default so that adapters saved before this
+            field existed load as they were trained.
     """
 
     head_type: ClassVar[str] = "mlp"
@@ -115,6 +120,7 @@ class MLPAdapterConfig(HeadConfig):
     hidden_width: int = 1024
     num_layers: int = 3
     layer_norm_eps: float = 1e-5
+    pooled: Literal["all", "masked"] = "masked"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,20 +128,38 @@ class MLPAdapterConfig(HeadConfig):
         _check_positive("num_layers", self.num_layers)
         if self.num_layers < 2:
             raise ValueError(f"`num_layers` must be >= 2 (input and output Linear), got {self.num_layers}")
+        if self.pooled not in ("all", "masked"):
+            raise ValueError(f"`pooled` must be 'all' or 'masked', got {self.pooled!r}")
 
 
 @dataclass
 class MixerTranslatorConfig(HeadConfig):
-    """GlueNet's translator: residual mixer blocks plus a mirror decoder.
+    """GlueNet's translator: residual mixer blocks plus a decoder, in GlueGen's layout or xling's.
+
+    ``translator="gluenet"`` with ``positions="all"``, ``input_scale=1/3`` and ``output_scale`` = GlueGen's
+    per-position norms / 2 (:data:`xling.adapters.mixer.GLUEGEN_OUTPUT_SCALE`) computes what GlueGen's
+    multilingual ``Translator_noln`` computes, and its checkpoints load into it key for key. The defaults are
+    xling's translator, so that adapters saved before these fields existed load as they were trained.
 
     Attributes:
         source_length: token count ``S`` the token mixers are built for (the student's padded window,
             e.g. 77, 128 or 256). Shorter inputs are zero-padded to it (mask 0); longer inputs raise.
         target_length: token count ``T`` of the produced ``prompt_embeds`` (77 for every SD teacher).
-        depth: number of residual mixer blocks in the encoder (and, mirrored, in the decoder).
+        depth: number of residual mixer blocks in the encoder (and in the decoder).
         mult: expansion factor of the hidden layer of each token / channel MLP (GlueNet uses 2).
-        with_decoder: build the mirror decoder used by the reconstruction loss (not needed at inference).
+        with_decoder: build the decoder used by the reconstruction loss (not needed at inference).
         layer_norm_eps: epsilon of every LayerNorm.
+        translator: ``"gluenet"``: GlueGen's post-norm blocks (``Linear -> LayerNorm -> GELU``, twice, then
+            ``Linear -> LayerNorm``; each block wrapped as ``GELU(block(x) + x)``), a LayerNorm-free transition,
+            and a decoder of ``depth`` blocks at the teacher's width before the transition back. ``"xling"``:
+            pre-norm MLPs (``LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear``), plain residual blocks
+            and a mirror decoder (transition first); the variant that reached 100% in the toy world.
+        positions: ``"all"``: every position of the padded window is translated as the student produced it
+            (padding states included, as GlueGen pads to 77 and reads all of them); ``"masked"``: padded
+            positions are zeroed first, so what a tokenizer put there does not matter.
+        input_scale: factor on the student's hidden states before the translator (GlueGen: 1/3).
+        output_scale: ``T`` per-position factors on the translator's output (GlueGen: its 77 norms of the
+            CLIP ViT-L/14 embeddings divided by 2); ``None``: no scaling.
     """
 
     head_type: ClassVar[str] = "mixer"
@@ -148,9 +172,32 @@ class MixerTranslatorConfig(HeadConfig):
     mult: float = 2.0
     with_decoder: bool = True
     layer_norm_eps: float = 1e-5
+    translator: Literal["gluenet", "xling"] = "xling"
+    positions: Literal["all", "masked"] = "masked"
+    input_scale: float = 1.0
+    output_scale: list[float] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.translator not in ("gluenet", "xling"):
+            raise ValueError(f"`translator` must be 'gluenet' or 'xling', got {self.translator!r}")
+        if self.positions not in ("all", "masked"):
+            raise ValueError(f"`positions` must be 'all' or 'masked', got {self.positions!r}")
+        if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, int | float):
+            raise ValueError(f"`input_scale` must be a number, got {self.input_scale!r}")
+        if self.output_scale is not None:
+            if not isinstance(self.output_scale, list | tuple) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in self.output_scale
+            ):
+                raise ValueError(
+                    f"`output_scale` must be a list of numbers or None, got {self.output_scale!r}"
+                )
+            if len(self.output_scale) != self.target_length:
+                raise ValueError(
+                    f"`output_scale` has {len(self.output_scale)} values; one per output position "
+                    f"(target_length {self.target_length}) is needed"
+                )
+            self.output_scale = [float(v) for v in self.output_scale]
         _check_positive("source_length", self.source_length)
         _check_positive("target_length", self.target_length)
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
@@ -167,11 +214,28 @@ class LinearHeadConfig(HeadConfig):
 
     Attributes:
         bias: whether the token and pooled projections have a bias.
+        pre_norm: a trainable LayerNorm on the student's states before both projections (every token and the
+            pooled vector): AltCLIP's ``pre_LN``, which it trains with the projection whose [CLS] output
+            regresses CLIP's pooled vector, so an AltCLIP text tower computes its outputs only with it.
+            ``False`` (the plain projection of IAP and of AltDiffusion's text encoder as diffusers ships it)
+            is the default, so adapters saved before this field existed load as they were trained.
+        layer_norm_eps: epsilon of that LayerNorm (the student's ``layer_norm_eps``, 1e-5 for XLM-R).
     """
 
     head_type: ClassVar[str] = "linear"
 
     bias: bool = True
+    pre_norm: bool = False
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pre_norm, bool):
+            raise ValueError(f"`pre_norm` must be a bool, got {self.pre_norm!r}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, int | float):
+            raise ValueError(f"`layer_norm_eps` must be a number, got {self.layer_norm_eps!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
 
 
 @dataclass

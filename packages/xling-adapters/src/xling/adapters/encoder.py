@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from xling.adapters.config import FORMAT_VERSION, LoraHeadConfig
 from xling.adapters.head import AdapterHead, masked_mean
-from xling.adapters.io import check_widths, load_head
+from xling.adapters.io import check_model_folder, check_widths, load_head, record_weights
 
 #: ``config.json`` ``format`` value of a saved language encoder directory.
 ENCODER_FORMAT = "xling-language-encoder"
@@ -163,16 +163,38 @@ class LanguageEncoderConfig:
 
 
 def _load_student_model(path: str | os.PathLike[str]) -> nn.Module:
-    """Load the encoder part of a student: ``AutoModel``, the T5 encoder alone, or CLIP's text model."""
+    """Load the encoder part of a student: ``AutoModel``, the T5 encoder alone, or CLIP's text model.
+
+    Only safetensors load, from a local folder or the Hub, and the folder's own code (``auto_map``) never
+    runs. A local folder is checked first (:func:`~xling.adapters.io.check_model_folder`: no pickles, each
+    header readable), so a bad file fails naming itself; hashes are checked by the caller, before this.
+
+    Raises:
+        WeightFileError: only pickled weights, or an unreadable (truncated) file.
+        ValueError: transformers cannot load the folder; the message names it.
+    """
     transformers = _require_transformers()
-    config = transformers.AutoConfig.from_pretrained(path)
+    local = Path(os.fspath(path)).expanduser()
+    is_local = local.is_dir()
+    if is_local:
+        check_model_folder(local)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     model_type = config.model_type
     if model_type in ("t5", "mt5", "umt5"):
-        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[model_type]
-        return getattr(transformers, cls).from_pretrained(path)
-    if model_type == "clip":
-        return transformers.CLIPTextModel.from_pretrained(path)
-    return transformers.AutoModel.from_pretrained(path)
+        name = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[model_type]
+        cls = getattr(transformers, name)
+    elif model_type == "clip":
+        cls = transformers.CLIPTextModel
+    else:
+        cls = transformers.AutoModel
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError, but not the folder's fault
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # a SafetensorError is caught by the header check
+        if not is_local:
+            raise
+        raise ValueError(f"cannot load the student in {local}: {e}") from e
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -215,6 +237,9 @@ class LanguageEncoder(nn.Module):
         self.config = config
         #: The teacher the encoder was trained for (``TEACHER_KEYS``), or ``None`` when not recorded.
         self.teacher: dict[str, Any] | None = None
+        #: The adapter directory it was loaded from (:meth:`from_pretrained`); its forward then refuses
+        #: non-finite embeddings, naming it. ``None`` while training (the loop checks the loss instead).
+        self.source: Path | None = None
         base_config = _base_model(student).config
         self.model_type: str = getattr(base_config, "model_type", "")
         check_widths(head.config, student_width=self.hidden_size, where="the student")
@@ -355,11 +380,25 @@ class LanguageEncoder(nn.Module):
         pooled_out = out.pooled_prompt_embeds
         if pooled_out is not None:
             pooled_out = pooled_out.view(b, c, -1)[:, 0]
+        if self.source is not None:
+            self._check_finite(embeds, pooled_out)
         return Conditioning(
             prompt_embeds=embeds.reshape(b, c * n, -1),
             pooled_prompt_embeds=pooled_out,
             attention_mask=out_mask,
         )
+
+    def _check_finite(self, embeds: Tensor, pooled: Tensor | None) -> None:
+        """Refuse NaN / inf output of a loaded adapter: a pipeline would turn it into a black image."""
+        finite = torch.isfinite(embeds).all()
+        if pooled is not None:
+            finite = finite & torch.isfinite(pooled).all()
+        if not bool(finite):  # one device sync per call
+            raise ValueError(
+                f"the adapter {self.source} produced non-finite prompt_embeds (NaN or inf) in {embeds.dtype}: "
+                "its weights are damaged (a file modified after saving, or a run that diverged) or overflow "
+                "in this dtype; no image is made from them"
+            )
 
     # ---- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -400,7 +439,7 @@ class LanguageEncoder(nn.Module):
 
         if lora is not None and unfreeze_last is not None:
             raise ValueError("pass either `lora` or `unfreeze_last`, not both")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(student_path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(student_path, trust_remote_code=False)
         model = _load_student_model(student_path)
         model.requires_grad_(False)
         mode: StudentWeights = "frozen"
@@ -468,6 +507,9 @@ class LanguageEncoder(nn.Module):
             student_merged/    a LoRA student with its LoRA merged in (safetensors): inference without peft
 
         A frozen student is not copied unless ``include_student``: loading reads it from ``student_model``.
+        ``config.json["weights_sha256"]`` maps each weight file under ``student/``, ``student_lora/`` and
+        ``student_merged/`` (path relative to the directory) to its SHA-256; ``head/config.json`` records the
+        head's. :meth:`from_pretrained` checks them before reading a tensor.
 
         Args:
             directory: created if missing.
@@ -496,7 +538,9 @@ class LanguageEncoder(nn.Module):
             "student_lora": None,
         }
         if mode == "lora":
-            self.student.save_pretrained(str(directory / "student_lora"))
+            from xling.adapters.lora import save_lora
+
+            save_lora(self.student, directory / "student_lora")
             layout["student_lora"] = "student_lora"
             # Inference copy: a deep copy is merged so the live student keeps training its LoRA weights.
             merged = copy.deepcopy(self.student).merge_and_unload()
@@ -510,11 +554,15 @@ class LanguageEncoder(nn.Module):
             base.save_pretrained(str(directory / "student"), safe_serialization=True)
             layout["student"] = "student"
         encoder_cfg = dataclasses.asdict(self.config)
+        parts = [
+            directory / layout[k] for k in ("student", "student_lora", "student_merged") if layout.get(k)
+        ]
         payload: dict[str, Any] = {
             "format": ENCODER_FORMAT,
             "format_version": FORMAT_VERSION,
             "layout": layout,
             "encoder": encoder_cfg,
+            "weights_sha256": record_weights(directory, *parts),
         }
         if teacher is not None:
             hc = self.head.config
@@ -538,8 +586,14 @@ class LanguageEncoder(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         merged_lora: bool | None = None,
+        verify_hashes: bool = True,
     ) -> LanguageEncoder:
         """Load a directory written by :meth:`save_pretrained` (in eval mode, nothing trainable).
+
+        Every weight file the directory holds (head, student, LoRA, merged student) is compared with the
+        SHA-256 its config records before any tensor is read, and only safetensors load (a base student read
+        from ``student_model`` is not the adapter's, so it is not hashed, but it must be safetensors too). The
+        loaded encoder refuses to return non-finite ``prompt_embeds``, naming the directory.
 
         A LoRA adapter loads through peft (base student + ``student_lora/``) when peft is installed, and from
         its merged copy ``student_merged/`` otherwise, so ``xling-adapters[diffusers]`` alone runs every
@@ -554,10 +608,14 @@ class LanguageEncoder(nn.Module):
             dtype: cast student and head to this dtype (e.g. ``torch.float16`` on a GPU).
             merged_lora: for a LoRA adapter, ``True`` loads ``student_merged/``, ``False`` loads through peft,
                 ``None`` picks peft when it is installed (older adapters have no merged copy and need peft).
+            verify_hashes: require a recorded SHA-256 for every weight file and compare it; ``False`` loads a
+                hand-made folder that records none (each file is still checked to be readable safetensors).
 
         Raises:
             FileNotFoundError: no ``config.json`` (naming ``DIR/adapter`` when ``DIR`` is a run folder), or a
                 local student folder that is not there (naming the path and ``student_path=``).
+            WeightFileError: a weight file has no recorded hash, does not match it, is truncated or is a
+                pickle (a ``ValueError``; the message names the file).
             ValueError: not an encoder directory, or a newer format.
         """
         transformers = _require_transformers()
@@ -580,13 +638,18 @@ class LanguageEncoder(nn.Module):
         try:
             config = LanguageEncoderConfig(**payload["encoder"])
             layout = payload["layout"]
+            hashes = payload.get("weights_sha256")
+            if hashes is not None and not isinstance(hashes, dict):
+                raise ValueError(f"`weights_sha256` must map file paths to SHA-256 digests, got {hashes!r}")
             teacher = payload.get("teacher")
             if teacher is not None and (not isinstance(teacher, dict) or "name_or_path" not in teacher):
                 raise ValueError(f"`teacher` must be an object with {TEACHER_KEYS}, got {teacher!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{cfg_path}: invalid encoder config: {e}") from e
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / layout["tokenizer"]))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(directory / layout["tokenizer"]), trust_remote_code=False
+        )
         lora_dir = layout.get("student_lora")
         merged_dir = layout.get("student_merged")
         if merged_lora is None:
@@ -597,21 +660,27 @@ class LanguageEncoder(nn.Module):
                     f"{directory} has no student_merged/ (saved by an older xling-adapters); load it with "
                     'peft installed: pip install "xling-adapters[peft]"'
                 )
-            model = _load_student_model(directory / merged_dir)
+            student_dir: str | None = merged_dir
             config.student_weights = "unfrozen"
             lora_dir = None
-        elif layout.get("student"):
-            model = _load_student_model(directory / layout["student"])
+        else:
+            student_dir = layout.get("student")
+        # Every weight file this load reads is checked against its hash before any of them is read.
+        for part in (student_dir, lora_dir):
+            if part:
+                check_model_folder(directory / part, hashes, root=directory, verify_hashes=verify_hashes)
+        head = load_head(directory / layout["head"], verify_hashes=verify_hashes)
+        if student_dir:
+            model = _load_student_model(directory / student_dir)
         else:
             model = _load_student_model(_base_student(directory, config, student_path))
         if lora_dir:
-            from xling.adapters.lora import _require_peft
+            from xling.adapters.lora import load_lora
 
-            peft = _require_peft()
-            model = peft.PeftModel.from_pretrained(model, str(directory / lora_dir))
-        head = load_head(directory / layout["head"])
+            model = load_lora(model, directory / lora_dir)
         encoder = cls(tokenizer, model, head, config)
         encoder.teacher = teacher
+        encoder.source = directory
         encoder.requires_grad_(False)
         encoder.eval()
         if dtype is not None:

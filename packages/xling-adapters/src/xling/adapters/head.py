@@ -84,9 +84,16 @@ class AdapterHead(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls: type[H], directory: str | os.PathLike[str], *, device: torch.device | str | None = None
+        cls: type[H],
+        directory: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        verify_hashes: bool = True,
     ) -> H:
-        """Load a head of this class from ``directory`` (a head of another type raises ``ValueError``)."""
+        """Load a head of this class from ``directory`` (a head of another type raises ``ValueError``).
+
+        ``verify_hashes=False`` loads a hand-made folder whose ``config.json`` records no ``weights_sha256``.
+        """
         config, file_info = read_head_config(directory)
         if not isinstance(config, cls.config_class):
             raise ValueError(
@@ -94,7 +101,7 @@ class AdapterHead(nn.Module):
                 "use xling.adapters.load_head to load any head type"
             )
         head = cls(config)
-        load_state_into(head, directory, file_info)
+        load_state_into(head, directory, file_info, verify_hashes=verify_hashes)
         if device is not None:
             head = head.to(device)
         return head.eval()

@@ -2,8 +2,9 @@
 
 Loading never unpickles: weights are read with ``safetensors`` only, and ``config.json`` records the
 SHA-256 of the weights file so a tampered or truncated file fails with an error naming it, before any
-tensor reaches a module. Width checks against a pipeline live here too, so training and inference raise
-the same error.
+tensor reaches a module. The file-level checks every weight file of an adapter directory goes through
+(hash, safetensors only, readable header) live here too, as do the width checks against a pipeline, so
+training and inference raise the same errors.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xling.adapters.config import FORMAT_VERSION, HeadConfig, config_from_dict
@@ -26,10 +29,23 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Keys of config.json that describe the file, not the head.
 _FILE_KEYS = ("weights_sha256",)
+#: Names of the weight files of a model folder (a single file, or shards with their index).
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+#: Pickle formats that are refused rather than loaded (``torch.load`` runs code a file may carry).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: How every hash error tells the owner of a hand-made folder to load it anyway.
+OPT_OUT = (
+    "if you made this folder by hand, load it with verify_hashes=False "
+    "(LanguageEncoder.from_pretrained, load_head or attach)"
+)
 
 
 class WidthMismatchError(ValueError):
     """A head's widths do not fit the pipeline (or student) it is attached to; the message lists each."""
+
+
+class WeightFileError(ValueError):
+    """A weight file has no recorded SHA-256, does not match it, is a pickle, or is unreadable; names the file."""
 
 
 def _sha256(path: Path) -> str:
@@ -38,6 +54,89 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of ``folder`` (not its subfolders), sorted; shard indexes included."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def record_weights(root: Path, *folders: Path) -> dict[str, str]:
+    """``{path relative to root: SHA-256}`` of every weight file of ``folders`` (written at save time)."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for folder in folders for p in weight_files(folder)}
+
+
+def check_weight_file(path: Path, expected: Any, config_path: Path, *, verify_hashes: bool = True) -> None:
+    """Compare ``path`` with the SHA-256 ``expected`` recorded in ``config_path``.
+
+    Raises:
+        WeightFileError: no hash recorded (while ``verify_hashes``) or a mismatch; the message names the file.
+    """
+    if not verify_hashes:
+        return
+    if not isinstance(expected, str):
+        raise WeightFileError(
+            f"{path} has no SHA-256 recorded in {config_path} (key weights_sha256), so it cannot be checked; "
+            + OPT_OUT
+        )
+    if _sha256(path) != expected:
+        raise WeightFileError(
+            f"{path} does not match the SHA-256 recorded for it in {config_path} (weights_sha256): "
+            "the file was modified or truncated after saving"
+        )
+
+
+def check_model_folder(
+    folder: Path,
+    recorded: Mapping[str, Any] | None = None,
+    *,
+    root: Path | None = None,
+    verify_hashes: bool = True,
+) -> None:
+    """Check a model folder's weight files before transformers or peft reads them.
+
+    Every folder must hold safetensors weights (a folder with only pickles is refused, naming the file). With
+    ``root`` (the adapter directory whose ``config.json`` holds ``recorded``, keyed by path relative to
+    ``root``), every weight file must match its recorded SHA-256 and every recorded file of the folder must
+    exist. Last, each safetensors header is read (not the tensors), so a truncated file fails here naming
+    itself instead of deep inside the loader.
+
+    Raises:
+        FileNotFoundError: no weights at all, or a recorded file is gone.
+        WeightFileError: only pickled weights, a missing or wrong hash, or an unreadable header.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model folder at {folder}")
+    files = weight_files(folder)
+    if not files:
+        pickles = sorted(p for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise WeightFileError(
+                f"{pickles[0]} is a pickle and xling loads only safetensors weights (a pickle can run code); "
+                "convert the folder once: load it with transformers (a LoRA folder: peft) and "
+                "save_pretrained(folder, safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"no safetensors weights (model.safetensors) in {folder}")
+    if root is not None:
+        where = root / CONFIG_NAME
+        table = recorded if isinstance(recorded, Mapping) else {}
+        prefix = folder.relative_to(root).as_posix() + "/"
+        for name in sorted(k for k in table if k.startswith(prefix)):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name} is recorded in {where} but missing")
+        for path in files:
+            check_weight_file(
+                path, table.get(path.relative_to(root).as_posix()), where, verify_hashes=verify_hashes
+            )
+    for path in files:
+        if path.name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+                raise WeightFileError(
+                    f"{path} is not a readable safetensors file (truncated or corrupted): {e}"
+                ) from e
 
 
 def save_head(head: AdapterHead, directory: str | os.PathLike[str]) -> Path:
@@ -96,27 +195,38 @@ def read_head_config(directory: str | os.PathLike[str]) -> tuple[HeadConfig, dic
 
 
 def load_state_into(
-    module: torch.nn.Module, directory: str | os.PathLike[str], file_info: dict[str, Any]
+    module: torch.nn.Module,
+    directory: str | os.PathLike[str],
+    file_info: dict[str, Any],
+    *,
+    verify_hashes: bool = True,
 ) -> None:
     """Load ``directory/model.safetensors`` into ``module`` strictly (keys and shapes must match).
 
+    Args:
+        module: the head to fill.
+        directory: the head directory.
+        file_info: the file-level keys of its ``config.json`` (:func:`read_head_config`).
+        verify_hashes: require and compare the recorded SHA-256 (``False`` only for a hand-made folder).
+
     Raises:
         FileNotFoundError: no weights file.
-        ValueError: checksum mismatch, unreadable (truncated / corrupted) file, missing or unexpected
-            keys, or shape mismatches; the message names the file.
+        ValueError: no recorded checksum (:class:`WeightFileError`, with how to opt out) or a mismatch,
+            unreadable (truncated / corrupted) file, missing or unexpected keys, or shape mismatches; the
+            message names the file.
     """
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no head weights at {path}")
-    expected = file_info.get("weights_sha256")
-    if expected is not None and _sha256(path) != expected:
-        raise ValueError(
-            f"{path} does not match the weights_sha256 recorded in its config.json (tampered or truncated)"
-        )
+    check_weight_file(
+        path, file_info.get("weights_sha256"), Path(directory) / CONFIG_NAME, verify_hashes=verify_hashes
+    )
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a corrupt header
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        raise WeightFileError(
+            f"{path} is not a readable safetensors file (truncated or corrupted): {e}"
+        ) from e
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -134,12 +244,19 @@ def load_state_into(
     module.load_state_dict(state, strict=True)
 
 
-def load_head(directory: str | os.PathLike[str], *, device: torch.device | str | None = None) -> AdapterHead:
+def load_head(
+    directory: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    verify_hashes: bool = True,
+) -> AdapterHead:
     """Load any head saved with ``save_pretrained``, dispatching on its config's ``head_type``.
 
     Args:
         directory: a directory with ``config.json`` + ``model.safetensors``.
         device: where to put the loaded head (default CPU).
+        verify_hashes: require the ``weights_sha256`` of ``config.json`` and compare the weights with it;
+            ``False`` loads a hand-made folder that records none.
 
     Returns:
         An :class:`~xling.adapters.mlp.MLPAdapter`, :class:`~xling.adapters.mixer.MixerTranslator` or
@@ -149,7 +266,7 @@ def load_head(directory: str | os.PathLike[str], *, device: torch.device | str |
 
     config, file_info = read_head_config(directory)
     head = head_class(config.head_type)(config)
-    load_state_into(head, directory, file_info)
+    load_state_into(head, directory, file_info, verify_hashes=verify_hashes)
     if device is not None:
         head = head.to(device)
     return head.eval()

@@ -1,7 +1,9 @@
 """The linear projection head of IAP ("images as pivots") and AltDiffusion (arXiv:2211.06679).
 
 Tokens: ``Linear(d, D)`` on every position. Pooled (optional, for SDXL or AltDiffusion's distillation):
-``Linear(d, P)`` on the student's pooled vector, i.e. its [CLS] / ``<s>`` hidden state.
+``Linear(d, P)`` on the student's pooled vector, i.e. its [CLS] / ``<s>`` hidden state. With ``pre_norm`` a
+LayerNorm comes first on both, as AltCLIP's ``pre_LN`` before its ``transformation``
+(``Linear(d, D)(LayerNorm(h))``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class LinearHead(AdapterHead):
     def __init__(self, config: LinearHeadConfig | None = None) -> None:
         super().__init__(config if config is not None else LinearHeadConfig())
         c = self.config
+        self.norm = nn.LayerNorm(c.student_width, eps=c.layer_norm_eps) if c.pre_norm else None
         self.proj = nn.Linear(c.student_width, c.teacher_width, bias=c.bias)
         self.pooled_proj = nn.Linear(c.student_width, c.pooled_width, bias=c.bias) if c.pooled_width else None
 
@@ -52,7 +55,9 @@ class LinearHead(AdapterHead):
                     f"`pooled` must be [B, d] = {(hidden_states.shape[0], self.config.student_width)}, "
                     f"got {tuple(pooled.shape)}"
                 )
-            pooled_out = self.pooled_proj(pooled)  # [B, P]
+            pooled_out = self.pooled_proj(self.norm(pooled) if self.norm is not None else pooled)  # [B, P]
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
         return HeadOutput(
             prompt_embeds=self.proj(hidden_states),
             pooled_prompt_embeds=pooled_out,

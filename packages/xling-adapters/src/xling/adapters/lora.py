@@ -1,17 +1,24 @@
 """Training the student encoder itself: LoRA on its attention projections (peft), or its last k layers.
 
 LoRA adapters are made and saved by peft, in peft's own format (``adapter_config.json`` +
-``adapter_model.safetensors``), so ``peft.PeftModel.from_pretrained(base, dir)`` reads them. peft is
-imported only when these functions run (``pip install "xling-adapters[peft]"``).
+``adapter_model.safetensors``), so ``peft.PeftModel.from_pretrained(base, dir)`` reads them; xling loads
+them only after checking the weight file (safetensors, recorded SHA-256). peft is imported only when these
+functions run (``pip install "xling-adapters[peft]"``).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from xling.adapters.config import LoraHeadConfig
+from xling.adapters.io import WeightFileError, check_model_folder
+
+#: The weight file of a peft LoRA folder; peft would fall back to a pickled ``adapter_model.bin``.
+LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 
 # Attention projections (query, key, value, output) by transformers ``model_type``.
 _ATTENTION_TARGETS: dict[str, list[str]] = {
@@ -103,6 +110,45 @@ def apply_lora(model: nn.Module, config: LoraHeadConfig | None = None) -> nn.Mod
         bias=config.bias,
     )
     return peft.get_peft_model(model, lora_config)
+
+
+def save_lora(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write a peft model's LoRA weights in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    directory = Path(directory)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def load_lora(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Wrap ``model`` with the LoRA adapter in ``directory`` (frozen), once its weight file is checked.
+
+    The file must be readable safetensors; comparing it with a recorded SHA-256 is the caller's part
+    (:meth:`~xling.adapters.encoder.LanguageEncoder.from_pretrained` checks every file of the adapter first).
+
+    Args:
+        model: the base student.
+        directory: a peft LoRA folder written by :func:`save_lora`.
+
+    Returns:
+        The ``peft.PeftModel``.
+
+    Raises:
+        WeightFileError: no ``adapter_model.safetensors`` (a pickled ``.bin`` is refused) or an unreadable
+            one; the message names it.
+        ValueError: peft cannot apply the adapter to ``model``; the message names the folder.
+    """
+    peft = _require_peft()
+    directory = Path(directory)
+    check_model_folder(directory)
+    if not (directory / LORA_WEIGHTS_NAME).is_file():
+        raise WeightFileError(
+            f"no {LORA_WEIGHTS_NAME} in {directory}; xling loads LoRA weights only from safetensors "
+            "(peft's save_pretrained(dir, safe_serialization=True) writes it)"
+        )
+    try:
+        return peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot load the LoRA adapter in {directory}: {e}") from e
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:

@@ -13,8 +13,10 @@ SDXL adapter does. With the defaults (1024-wide student, SDXL: D=2048, P=1280, h
                                      ---------
                                      6,033,408   (the paper's "6M")
 
-One deliberate difference from the PEA code: the pooled mean counts only real tokens (``attention_mask``)
-rather than every padded position, so it does not depend on how far a prompt was padded.
+The pooled mean follows ``config.pooled``: ``"all"`` averages every position of the padded window, padding
+included, as the PEA code does (so a PEA checkpoint gets the ``text_embeds`` it was trained with);
+``"masked"`` averages the real tokens only (``attention_mask``), so it does not depend on how far a prompt
+was padded.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class MLPAdapter(AdapterHead):
 
         Args:
             hidden_states: ``[B, L, d]`` student hidden states.
-            attention_mask: ``[B, L]`` 1 for real tokens; only used for the pooled mean.
+            attention_mask: ``[B, L]`` 1 for real tokens; only used for the pooled mean (``pooled="masked"``).
             pooled: ignored (the pooled output is the token mean); accepted for the common head interface.
 
         Returns:
@@ -74,7 +76,7 @@ class MLPAdapter(AdapterHead):
         x = self.projector(self.layernorm(hidden_states))  # [B, L, P or D]
         if self.out_proj is None:
             return HeadOutput(prompt_embeds=x, pooled_prompt_embeds=None, attention_mask=attention_mask)
-        pooled_out = masked_mean(x, attention_mask)  # [B, P]
+        pooled_out = masked_mean(x, attention_mask if self.config.pooled == "masked" else None)  # [B, P]
         return HeadOutput(
             prompt_embeds=self.out_proj(x), pooled_prompt_embeds=pooled_out, attention_mask=attention_mask
         )

@@ -215,7 +215,8 @@ def attach(
             ``LanguageEncoder.from_pretrained(path, device=pipe.device, **load_kwargs)``).
         check: verify the head's widths against the UNet (``cross_attention_dim``, SDXL pooled width).
         **load_kwargs: for a path, passed to ``LanguageEncoder.from_pretrained``: ``student_path=`` (where a
-            frozen or LoRA adapter's student lives now, when it moved), ``dtype=``, ``merged_lora=``.
+            frozen or LoRA adapter's student lives now, when it moved), ``dtype=``, ``merged_lora=``,
+            ``verify_hashes=False`` (a hand-made adapter whose configs record no SHA-256 of its weights).
 
     Returns:
         An :class:`XlingPipeline`: call it like the pipeline, with ``prompt`` in the student's language.

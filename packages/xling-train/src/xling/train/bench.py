@@ -322,6 +322,7 @@ def run_bench(
                 "seed": seed,
                 **({"max_steps": int(budget)} if budget is not None else {}),
                 "output_dir": str(output_dir / recipe),
+                "overwrite": True,  # the bench's own folder: a new bench replaces the last one's run
                 "eval.enabled": False,
                 "checkpoint_every": 0,
                 "log_with": "none",

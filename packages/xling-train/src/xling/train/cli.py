@@ -30,6 +30,7 @@ COMMANDS: list[str] = [
     "xling.train.commands.generate",
     "xling.train.commands.eval",
     "xling.train.commands.bench",
+    "xling.train.commands.importing",
 ]
 
 #: The spellings of the global verbose flag, taken out of argv wherever they stand (see :func:`main`).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -74,6 +75,11 @@ class DataConfig:
     crop: Literal["center", "random"] = option(
         "center",
         "'center' or 'random' crop of each resized image (random: seeded per row, so latents stay cacheable).",
+    )
+    min_image_size: int | None = option(
+        None,
+        "Shortest image side in pixels a row may have; a smaller image is a counted 'image_too_small' skip, "
+        "not upscaled (None: an eighth of the resolution; 0: no minimum).",
     )
     latent_cache: str | None = option(
         None, "Folder of a VAE latent cache, built on first use (image recipes, files)."
@@ -131,18 +137,35 @@ class RecipeConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
-    lr_scheduler: Literal["cosine", "constant", "linear"] = option(
-        "cosine", "'cosine', 'constant' or 'linear' (all after warmup)."
+    lr_scheduler: Literal["cosine", "constant", "linear", "polynomial", "step"] = option(
+        "cosine",
+        "'cosine', 'constant' or 'linear' (all after warmup), or 'polynomial': transformers' "
+        "get_polynomial_decay_schedule_with_warmup (its own warmup from 0, then lr_end + (lr - lr_end) * "
+        "(1 - progress) ** lr_power), the schedule PEA-Diffusion trains with; or 'step': the run cut into "
+        "lr_decay_stages equal stages, stage k at lr * lr_decay_gamma ** k (GlueGen's StepLR over its epochs).",
     )
+    lr_power: float = option(1.0, "Power of the 'polynomial' decay (transformers' default 1.0).")
+    lr_end: float = option(0.0, "Learning rate the 'polynomial' decay ends at, at max_steps.")
+    lr_decay_stages: int = option(4, "Stages of the 'step' schedule (GlueGen: its 4 epochs).")
+    lr_decay_gamma: float = option(0.5, "Factor of the 'step' schedule at each new stage (GlueGen: 0.5).")
     warmup_steps: int = option(500, "Linear warmup steps.")
     log_with: Literal["tensorboard", "wandb", "none"] = option(
         "tensorboard", "'tensorboard', 'wandb' or 'none'."
     )
     log_every: int = option(10, "Log every loss term every N updates.")
     validate_every: int = option(1000, "Validation loss every N updates (0: only at the end).")
-    checkpoint_every: int = option(1000, "save_state every N updates (0: never).")
+    checkpoint_every: int = option(1000, "Write a checkpoint every N updates (0: never).")
     keep_checkpoints: int = option(2, "Keep the last K checkpoints.")
-    resume: str | None = option(None, "'latest' or a checkpoint directory to continue from.")
+    resume: str | None = option(
+        None,
+        "'latest' or a checkpoint directory to continue from; it may change only max_steps, log_every, log_with, "
+        "validate_every, checkpoint_every, keep_checkpoints, data.num_workers and eval.* (other keys: an error).",
+    )
+    overwrite: bool = option(
+        False,
+        "Start over in a used output_dir: remove the previous run's checkpoints, adapter, logs and report first "
+        "(with --resume: only take over a lock left on another host).",
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data section."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation section."})
 
@@ -424,14 +447,42 @@ def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
         allowed = choices(tp)
         if allowed is not None and flat[key] not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {flat[key]!r}")
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "log_every",
+        "keep_checkpoints",
+        "lr_decay_stages",
+    ):
         if flat[key] < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {flat[key]}")
     for key in ("checkpoint_every", "validate_every", "warmup_steps"):
         if flat[key] < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]}")
+    for key in (
+        "lr",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lr_decay_gamma",
+    ):
+        if not math.isfinite(flat[key]):
+            raise ValueError(f"config key {key!r} must be a finite number, got {flat[key]}")
     if config.lr <= 0:
         raise ValueError(f"config key 'lr' must be > 0, got {config.lr}")
+    # eps is the floor of AdamW's denominator sqrt(v) + eps: at 0 a parameter whose gradients were all 0 so far
+    # divides 0 by 0, and its weight becomes NaN after a finite loss.
+    if config.adam_epsilon <= 0:
+        raise ValueError(f"config key 'adam_epsilon' must be > 0, got {config.adam_epsilon}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= flat[key] < 1:
+            raise ValueError(f"config key {key!r} must be in [0, 1), got {flat[key]}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if flat[key] < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]}")
     if config.data.resolution is not None and config.data.resolution < 1:
         raise ValueError(f"config key 'data.resolution' must be >= 1 or null, got {config.data.resolution}")
     if needs_data and config.data.path is None:

@@ -10,13 +10,20 @@ Exact resume rests on three choices: the data order comes from :class:`EpochBatc
 seeded by ``seed + epoch``, skipped into with ``accelerator.skip_first_batches``); the per-row noise and
 timesteps come from generators seeded by ``(seed, step, row index)`` (see ``xling.train.noise.row_generators``), so
 they depend neither on the process count nor on where a run was resumed; the DataLoader draws its worker seed
-from its own generator, so starting a fresh iterator does not move the global RNG that dropout uses (restored by
-``load_state``).
+from its own generator, so starting a fresh iterator does not move the global RNG that dropout uses (restored from
+the checkpoint's per-process RNG file).
+
+Checkpoints are xling's own safetensors + JSON files (``xling.train.checkpoint``; nothing is unpickled on resume),
+written only when every trainable parameter and optimizer state is finite; the final adapter is written into a
+temporary folder and renamed into place; the run folder is checked writable, locked and tagged with a run id before
+anything trains (``xling.train.rundir``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,17 +36,24 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from xling.train.checkpoint import (
     TrainerState,
+    TrainingParts,
+    agree,
+    disk_errors,
+    fsync_dir,
+    fsync_tree,
     list_checkpoints,
     load_checkpoint,
-    resolve_resume,
+    non_finite_tensors,
     save_checkpoint,
 )
 from xling.train.config import RecipeConfig, dump_yaml, flat_dict
-from xling.train.data import EpochBatchSampler, make_dataloader
+from xling.train.data import EpochBatchSampler, RowAccounting, make_dataloader, row_accounting
 from xling.train.recipes.base import TrainStep
+from xling.train.rundir import RunFolder
 
 __all__ = [
     "EpochBatchSampler",
+    "NonFiniteStateError",
     "NonFiniteTrainingError",
     "RunResult",
     "build_lr_scheduler",
@@ -68,6 +82,35 @@ class NonFiniteTrainingError(FloatingPointError):
         )
 
 
+class NonFiniteStateError(NonFiniteTrainingError):
+    """After a finite loss, an update left trainable parameters or optimizer states NaN/inf; neither the
+    checkpoint nor the adapter of that step was written.
+
+    Attributes:
+        step: the update after which the state was found non-finite.
+        terms: the non-finite tensors (parameter names; ``optimizer <key> of <name>`` for optimizer states).
+        checkpoint: the last good checkpoint (written finite), or ``None``.
+    """
+
+    def __init__(
+        self, step: int, tensors: Sequence[str], checked: int, checkpoint: Path | None, what: str
+    ) -> None:
+        FloatingPointError.__init__(self)
+        self.step, self.terms, self.checkpoint = step, list(tensors), checkpoint
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        shown = ", ".join(self.terms[:4]) + (
+            f" and {len(self.terms) - 4} more" if len(self.terms) > 4 else ""
+        )
+        self.args = (
+            f"non-finite values after update {step} in {len(self.terms)} of {checked} trainable tensors and "
+            f"optimizer states ({shown}); {what} was not written ({where}). Lower --lr, clip with --max_grad_norm "
+            "or raise --adam_epsilon, then resume from it",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass
 class RunResult:
     """What a finished run produced.
@@ -84,6 +127,7 @@ class RunResult:
         wall_time_s: seconds this call spent training (model loading and the report excluded).
         trainable_parameters: number of trainable parameters.
         files: other outputs by name (``"kv_weights"``, ``"report"``, ``"grid"``, ...).
+        rows: the row accounting of the run's data (read, used, skipped by reason), summed over processes.
     """
 
     recipe: str
@@ -97,6 +141,7 @@ class RunResult:
     wall_time_s: float = 0.0
     trainable_parameters: int = 0
     files: dict[str, Path] = field(default_factory=dict)
+    rows: RowAccounting | None = None
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
@@ -115,18 +160,47 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    power: float = 1.0,
+    lr_end: float = 0.0,
+    stages: int = 1,
+    gamma: float = 1.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then ``cosine`` (to 0 at ``total_steps``), ``linear`` (to 0) or ``constant``."""
-    if name not in ("cosine", "linear", "constant"):
-        raise ValueError(f"lr_scheduler must be cosine, linear or constant, got {name!r}")
+    """Linear warmup, then ``cosine`` (to 0 at ``total_steps``), ``linear`` (to 0) or ``constant``; or
+    ``polynomial``, transformers' ``get_polynomial_decay_schedule_with_warmup`` step for step (PEA-Diffusion's
+    ``utils/model_utils.py`` schedule): factor ``step / warmup`` during warmup (0 at the first update), then
+    ``(lr_end + (lr - lr_end) * (1 - progress) ** power) / lr``, and ``lr_end / lr`` after ``total_steps``; or
+    ``step`` (GlueGen's ``StepLR(step_size=1 epoch, gamma)`` over ``stages`` epochs): after warmup the run is cut
+    into ``stages`` equal stages and stage ``k`` gets ``gamma ** k``.
+
+    Raises:
+        ValueError: an unknown ``name``; for ``polynomial``, ``lr_end`` not below the optimizer's lr.
+    """
+    if name not in ("cosine", "linear", "constant", "polynomial", "step"):
+        raise ValueError(f"lr_scheduler must be cosine, linear, constant, polynomial or step, got {name!r}")
+    lr = float(optimizer.defaults["lr"])
+    if name == "polynomial" and not lr_end < lr:
+        raise ValueError(f"config key 'lr_end' ({lr_end}) must be below 'lr' ({lr}) for 'polynomial'")
 
     def factor(step: int) -> float:
+        if name == "polynomial":
+            if step < warmup_steps:
+                return step / max(1, warmup_steps)
+            if step > total_steps:
+                return lr_end / lr
+            remaining = 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return (lr_end + (lr - lr_end) * remaining**power) / lr
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         if name == "constant":
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if name == "step":
+            return gamma ** min(stages - 1, int(stages * progress))
         return 0.5 * (1.0 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -190,6 +264,37 @@ def _validate(
     return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
 
 
+def save_atomically(save: Callable[[Path], dict[str, Path]], output_dir: Path, tag: str) -> dict[str, Path]:
+    """Run ``save(folder)`` (``TrainStep.save``) into a temporary folder inside ``output_dir``, fsync it, then
+    rename each entry it wrote (``adapter/``, ...) over its namesake in ``output_dir``.
+
+    A failure (a full disk: :class:`~xling.train.checkpoint.DiskFullError`) leaves the previous entries whole and
+    no half-written one; the temporary folder is removed either way.
+
+    Returns:
+        ``save``'s paths, moved to ``output_dir``.
+    """
+    tmp = output_dir / f".tmp-save-{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with disk_errors(tmp):
+            tmp.mkdir(parents=True)
+            files = save(tmp)
+            fsync_tree(tmp)
+        for entry in sorted(tmp.iterdir()):
+            dest = output_dir / entry.name
+            # os.replace cannot replace a non-empty directory: the old one steps aside first.
+            old = output_dir / f".tmp-old-{entry.name}-{tag}"
+            if dest.is_dir():
+                os.replace(dest, old)
+            os.replace(entry, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: output_dir / Path(v).relative_to(tmp) for k, v in files.items()}
+
+
 def train(
     step_module: TrainStep,
     config: RecipeConfig,
@@ -198,6 +303,7 @@ def train(
     *,
     accelerator: Any | None = None,
     on_step: Callable[[int, dict[str, float], TrainStep], None] | None = None,
+    run: RunFolder | None = None,
 ) -> RunResult:
     """Train ``step_module`` on ``train_rows`` as ``config`` says and write the run directory.
 
@@ -211,13 +317,18 @@ def train(
         accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``config``).
         on_step: called with ``(step, logs, step_module)`` on the main process after every update (and its
             checkpoint); ``step_module`` is the unwrapped recipe step.
+        run: the output folder, claimed (``RunFolder.claim``) before the models were loaded; ``None``: claimed
+            here, and released at the end.
 
     Returns:
-        The :class:`RunResult`. Raises :class:`NonFiniteTrainingError` when a loss term is not finite.
-    """
-    from tqdm.auto import tqdm
+        The :class:`RunResult`.
 
-    output_dir = Path(config.output_dir)
+    Raises:
+        NonFiniteTrainingError: a loss term is not finite (:class:`NonFiniteStateError`: a parameter or
+            optimizer state, found before a checkpoint or the adapter is written).
+        xling.train.checkpoint.CheckpointError: the checkpoint to resume cannot be restored exactly.
+        xling.train.checkpoint.DiskFullError: the device filled up while a checkpoint or the adapter was written.
+    """
     accelerator = accelerator or make_accelerator(config)
     device = accelerator.device
     half = frozen_dtype(accelerator)
@@ -227,7 +338,6 @@ def train(
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"recipe {config.recipe!r} built a step with no trainable parameters")
-    n_trainable = sum(p.numel() for p in trainable)
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -236,10 +346,62 @@ def train(
         eps=config.adam_epsilon,
         weight_decay=config.weight_decay,
     )
-    lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps)
+    lr_scheduler = build_lr_scheduler(
+        optimizer,
+        config.lr_scheduler,
+        config.warmup_steps,
+        config.max_steps,
+        power=config.lr_power,
+        lr_end=config.lr_end,
+        stages=config.lr_decay_stages,
+        gamma=config.lr_decay_gamma,
+    )
+    parts = TrainingParts(
+        params={n: p for n, p in step_module.named_parameters() if p.requires_grad},
+        optimizer=optimizer,
+        scheduler=lr_scheduler,  # stepped by hand once per update (a prepared scheduler steps once per process)
+    )
     model, optimizer = accelerator.prepare(step_module, optimizer)
-    # Stepped by hand once per update (a prepared scheduler steps once per process); saved with the state.
-    accelerator.register_for_checkpointing(lr_scheduler)
+    parts.scaler = accelerator.scaler
+    owned = run is None
+    run = run or RunFolder.claim(config, accelerator)
+    try:
+        return _train(
+            model,
+            optimizer,
+            parts,
+            run,
+            config,
+            train_rows,
+            val_rows,
+            accelerator=accelerator,
+            on_step=on_step,
+        )
+    finally:
+        if owned:
+            run.release()
+
+
+def _train(
+    model: Any,
+    optimizer: Any,
+    parts: TrainingParts,
+    run: RunFolder,
+    config: RecipeConfig,
+    train_rows: Any,
+    val_rows: Any | None,
+    *,
+    accelerator: Any,
+    on_step: Callable[[int, dict[str, float], TrainStep], None] | None,
+) -> RunResult:
+    """The body of :func:`train`, once the model and optimizer are prepared and the run folder is claimed."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(config.output_dir)
+    device = accelerator.device
+    lr_scheduler = parts.scheduler
+    trainable = list(parts.params.values())
+    n_trainable = sum(p.numel() for p in trainable)
 
     streamed = isinstance(train_rows, IterableDataset)
     # Tar shards: each process reads its own shards (the corpus splits them by rank); the epoch is
@@ -260,14 +422,20 @@ def train(
         )
 
     state = TrainerState()
-    resume_from = resolve_resume(config.resume, output_dir)
+    resume_from = run.resume_from
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        state = load_checkpoint(accelerator, resume_from, parts=parts, run_id=run.run_id, config=config)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     last_checkpoint = resume_from
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    def check_finite(what: str) -> None:
+        bad, checked = non_finite_tensors(parts)
+        flag = torch.tensor([float(bool(bad))], device=device)
+        if float(accelerator.reduce(flag, "sum") if accelerator.num_processes > 1 else flag) > 0:
+            raise NonFiniteStateError(
+                state.step, bad or ["(on another process)"], checked, last_checkpoint, what
+            )
+
     if accelerator.trackers == [] and config.log_with != "none":
         accelerator.init_trackers(f"xling-{config.recipe}", config=_tracker_config(config))
 
@@ -356,7 +524,16 @@ def train(
                     result.val_logs = _validate(model, val_loader, device, state.step)
                     accelerator.log(result.val_logs, step=state.step)
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                    last_checkpoint = save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+                    check_finite(f"checkpoint-{state.step}")
+                    last_checkpoint = save_checkpoint(
+                        accelerator,
+                        output_dir,
+                        state,
+                        config.keep_checkpoints,
+                        parts=parts,
+                        run_id=run.run_id,
+                        config=config,
+                    )
                 if on_step is not None and accelerator.is_main_process:
                     on_step(state.step, step_logs, accelerator.unwrap_model(model))
                 if state.step >= config.max_steps:
@@ -365,7 +542,8 @@ def train(
                 if streamed:
                     if seen_in_epoch == 0:
                         raise ValueError(
-                            "the streamed corpus yielded no full batch: fewer rows than batch_size"
+                            f"the streamed corpus yielded no full batch of {config.batch_size} rows on process "
+                            f"{accelerator.process_index}: {row_accounting(train_rows).summary()}"
                         )
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     finally:
@@ -376,15 +554,22 @@ def train(
         result.val_logs = _validate(model, val_loader, device, state.step)
         if result.val_logs:
             accelerator.log(result.val_logs, step=state.step)
-
-    accelerator.wait_for_everyone()
+    # Every process calls it (it sums split corpora); metrics.json carries it even without a report.
+    result.rows = row_accounting(train_rows, val_rows, accelerator=accelerator)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        files = unwrapped.save(output_dir)
-        result.adapter_dir = files.pop("adapter", None)
-        result.files.update(files)
-        result.config_path.write_text(dump_yaml(config))
-    accelerator.wait_for_everyone()
+        result.files["metrics"] = result.rows.write_json(output_dir / "metrics.json")
+
+    check_finite("the adapter")
+
+    def save() -> None:
+        if accelerator.is_main_process:
+            files = save_atomically(accelerator.unwrap_model(model).save, output_dir, run.run_id)
+            result.adapter_dir = files.pop("adapter", None)
+            result.files.update(files)
+            with disk_errors(result.config_path):
+                result.config_path.write_text(dump_yaml(config))
+
+    agree(accelerator, f"saving the adapter into {output_dir}", save)
     accelerator.end_training()
     if list_checkpoints(output_dir):
         result.files["last_checkpoint"] = list_checkpoints(output_dir)[-1]

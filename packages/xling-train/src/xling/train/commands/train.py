@@ -3,6 +3,10 @@
 Every config key is an option: ``--lr 1e-4``, ``--data.path pairs.jsonl`` (short: ``--data pairs.jsonl``),
 ``--eval.enabled false``; a bool alone (``--hybrid``) means true. ``--config FILE.yaml`` starts from a copy of
 a shipped config. Values are parsed as YAML scalars and checked against the key's type.
+
+``--resume latest|PATH`` continues from the run's config as its checkpoint recorded it: the options given with it
+are overrides of that config, and only those a resume may change are accepted
+(``xling.train.checkpoint.RESUME_MAY_CHANGE``; any other key is an error that names it).
 """
 
 from __future__ import annotations
@@ -80,6 +84,31 @@ def register(subparsers: Any, *, recipes: bool = True) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
+def _resumed_config(recipe: str, cfg: Any, config_file: str | None, overrides: dict[str, Any]) -> Any:
+    """The config a resume continues with: the checkpoint's own, under what the command line (and ``--config``)
+    set; ``cfg`` itself when ``--resume latest`` finds no checkpoint yet."""
+    import yaml
+
+    from xling.train.checkpoint import read_manifest, resolve_resume
+    from xling.train.config import flatten, load_config
+
+    checkpoint = resolve_resume(cfg.resume, cfg.output_dir)
+    if checkpoint is None:
+        return cfg
+    given: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, encoding="utf-8") as fh:
+            given = {k: v for k, v in flatten(yaml.safe_load(fh) or {}).items() if not k.startswith("toy.")}
+    explicit = {**given, **overrides}
+    # The run folder is the one the checkpoint was found in (its recorded output_dir may be relative to where
+    # that run started); --overwrite is never inherited.
+    folder = explicit.get("output_dir") or (
+        cfg.output_dir if cfg.resume == "latest" else checkpoint.parent.parent
+    )
+    fixed = {"output_dir": str(folder), "overwrite": explicit.get("overwrite", False)}
+    return load_config(recipe, read_manifest(checkpoint)["config"], {**explicit, **fixed})
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -93,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
         k: v for k, v in vars(args).items() if k not in ("func", "recipe", "recipe_name", "command", "config")
     }
     cfg = load_config(args.recipe, args.config, overrides)
+    if cfg.resume is not None:
+        cfg = _resumed_config(args.recipe, cfg, args.config, overrides)
     if cfg.teacher == TOY and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
         # second thread made the default run several times slower (docs/toyworld.md).
@@ -103,6 +134,8 @@ def _run(args: argparse.Namespace) -> int:
     if result.adapter_dir is not None:
         print(f"adapter: {result.adapter_dir}")
     print(f"config:  {result.config_path}")
+    if result.rows is not None:
+        print(result.rows.summary())
     for name, path in sorted(result.files.items()):
         print(f"{name}: {path}")
     return 0

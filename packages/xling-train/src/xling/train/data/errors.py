@@ -3,7 +3,7 @@
 A corpus never silently drops a row: each row it cannot use becomes a :class:`BadRow` that names
 the file and the 1-based line (for tar shards: the shard and the member). Under ``"fail"`` the
 first one raises :class:`DataError`; under ``"skip"`` it is counted in a :class:`BadRowReport`,
-which the training loop prints at the end of a run.
+which the corpus's :class:`~xling.train.data.RowAccounting` carries to the end of the run.
 """
 
 from __future__ import annotations
@@ -15,13 +15,35 @@ from typing import Literal
 
 OnBadRow = Literal["skip", "fail"]
 
-#: Reasons a row is rejected; the report groups by these exact strings.
-MALFORMED_ROW = "malformed row"
-MISSING_COLUMN = "missing column"
-EMPTY_CAPTION = "empty caption"
-MISSING_IMAGE = "missing image"
-UNREADABLE_IMAGE = "unreadable image"
-REASONS = (MALFORMED_ROW, MISSING_COLUMN, EMPTY_CAPTION, MISSING_IMAGE, UNREADABLE_IMAGE)
+#: Reasons a row is rejected; reports, ``metrics.json`` and the CLI group by these exact strings.
+MALFORMED_ROW = "malformed_row"  # invalid JSON, wrong CSV field count, a caption that is not text, ...
+MISSING_COLUMN = "missing_column"
+EMPTY_CAPTION = "empty_caption"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+BAD_UTF8 = "bad_utf8"  # a byte sequence that is not UTF-8 in a line, field or tar text member
+CONTROL_CHARACTERS = (
+    "control_characters"  # NUL or another C0/C1 control character (tab and newlines excepted)
+)
+FIELD_TOO_LONG = "field_too_long"  # a CSV/TSV field over FIELD_LIMIT characters
+UNCLOSED_QUOTE = (
+    "unclosed_quote"  # a CSV/TSV quoted field that never closes (the rest of the file is re-read)
+)
+IMAGE_TOO_SMALL = "image_too_small"  # shorter side below the minimum image size
+TRUNCATED_SHARD = "truncated_shard"  # the tar sample a cut (or corrupt) shard ends in
+REASONS = (
+    MALFORMED_ROW,
+    MISSING_COLUMN,
+    EMPTY_CAPTION,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    BAD_UTF8,
+    CONTROL_CHARACTERS,
+    FIELD_TOO_LONG,
+    UNCLOSED_QUOTE,
+    IMAGE_TOO_SMALL,
+    TRUNCATED_SHARD,
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +54,7 @@ class BadRow:
         file: The corpus file (or tar shard) the row came from.
         line: 1-based line number for JSONL/CSV/TSV (the header is line 1 of a CSV), 1-based row
             number for Parquet, ``None`` for tar shards.
-        reason: One of :data:`REASONS`, e.g. ``"empty caption"``.
+        reason: One of :data:`REASONS`, e.g. ``"empty_caption"``.
         detail: A human-readable explanation, e.g. ``"column 'zh' is empty"``.
         member: For tar shards, the sample key or member name; ``None`` otherwise.
     """
@@ -99,7 +121,7 @@ class BadRowReport:
     def summary(self) -> str:
         """One line for the end of a run.
 
-        Example: ``skipped 3 rows: 2 empty caption (data.jsonl:4, :9), 1 unreadable image (data.jsonl:7)``.
+        Example: ``skipped 3 rows: 2 empty_caption (data.jsonl:4, :9), 1 unreadable_image (data.jsonl:7)``.
         """
         if not self.total:
             return "skipped 0 rows"

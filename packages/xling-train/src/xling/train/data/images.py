@@ -18,6 +18,22 @@ from PIL import Image
 
 CropPolicy = Literal["center", "random"]
 
+# Grayscale modes wider than 8 bits (16-bit PNGs open as I;16*; "I" is 32-bit but holds 16-bit PNG values).
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def default_min_size(resolution: int | None) -> int:
+    """The default shortest image side for ``resolution``: an eighth of it (64 px at 512), 0 without images."""
+    return max(1, resolution // 8) if resolution else 0
+
+
+def too_small(image: Image.Image, min_size: int) -> str | None:
+    """Why ``image`` is below ``min_size`` pixels on its shorter side, or ``None``."""
+    width, height = image.size
+    if min(width, height) < min_size:
+        return f"{width}x{height} pixels, below the minimum side of {min_size} (data.min_image_size)"
+    return None
+
 
 def open_rgb(source: str | os.PathLike[str] | bytes) -> Image.Image:
     """Decode an image file (path or raw bytes) fully and convert it to RGB.
@@ -29,6 +45,11 @@ def open_rgb(source: str | os.PathLike[str] | bytes) -> Image.Image:
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(stream) as image:
         image.load()  # decode now, so truncated files fail here and not later in a worker
+        if image.mode in _WIDE_GRAY:
+            # PIL's I;16 -> RGB conversion clips every value above 255 to white; scale 16 bits down instead.
+            wide = np.asarray(image, dtype=np.float64)  # [H, W]
+            gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+            return Image.fromarray(gray, mode="L").convert("RGB")
         if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
             # Composite onto white: dropping alpha would expose arbitrary colours under transparent pixels.
             rgba = image.convert("RGBA")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import IterableDataset, Subset
 
-from xling.train.data.corpus import ColumnMap, ParallelCorpus, _has_column, columns_from
-from xling.train.data.errors import OnBadRow
+from xling.train.data.corpus import ColumnMap, ParallelCorpus, column_names, columns_from, did_you_mean
+from xling.train.data.errors import BAD_UTF8, OnBadRow
 from xling.train.data.images import CropPolicy
 from xling.train.data.shards import TarShardCorpus
 from xling.train.toyworld.names import TOY
@@ -47,7 +47,19 @@ def _corpus_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         tables = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in _DIRECTORY_TABLES)
         paths = tables or sorted(str(p) for p in folder.iterdir() if _is_tar(str(p)))
         if not paths:
-            raise FileNotFoundError(f"no corpus files (.jsonl, .csv, .tsv, .parquet, .tar) in {folder}")
+            held = sorted(p.name for p in folder.iterdir())
+            holds = (
+                f"it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}" if held else "it is empty"
+            )
+            json_files = [name for name in held if name.lower().endswith(".json")]
+            hint = (
+                f"; a .json file is read only when named, as one JSON object per line: --data {folder / json_files[0]}"
+                if json_files
+                else ""
+            )
+            raise FileNotFoundError(
+                f"no corpus files (.jsonl, .csv, .tsv, .parquet, .tar) in {folder}: {holds}{hint}"
+            )
     return paths
 
 
@@ -89,7 +101,8 @@ def load_corpus(
         crop: ``"center"`` or ``"random"`` (seeded per row).
         seed: Seed of random crops (and of the shard order for tar shards).
         with_images: Require images (``True``), ignore them (``False``), or decide from the data (``None``).
-        **kwargs: Passed on to the corpus class (e.g. ``verify_images``, ``shuffle_buffer``).
+        **kwargs: Passed on to the corpus class (e.g. ``verify_images``, ``shuffle_buffer``,
+            ``min_image_size``).
 
     Returns:
         The corpus.
@@ -145,7 +158,8 @@ def load_rows(
 
     Raises:
         ValueError: a cache is asked for tar shards; ``data.path`` is unset for a real teacher; no row is
-            usable because a column the recipe needs is in no row of a file (the message names both).
+            usable because a column the recipe needs is in no row of a file (the message names both, the
+            file's columns and the closest one); a file holds no row or is not readable (see the corpora).
     """
     data = config.data
     # The config's own image size wins: a user may train below (or above) the teacher's native resolution.
@@ -180,13 +194,15 @@ def load_rows(
         crop=data.crop,
         seed=config.seed,
         with_images=with_images,
+        min_image_size=getattr(data, "min_image_size", None),
         **streamed_kwargs,
     )
-    report = getattr(corpus, "report", None)
-    if report is not None and getattr(report, "total", 0):
-        logger.warning("%s", report.summary())
-    if isinstance(corpus, ParallelCorpus) and not corpus.rows:
-        _raise_missing_columns(corpus, data.path)
+    if isinstance(corpus, ParallelCorpus):
+        # Streamed shards are counted as they are read; the run's end reports both (xling.train.loop).
+        if corpus.report.total:
+            logger.warning("%s", corpus.accounting().summary())
+        if not corpus.rows:
+            _raise_missing_columns(corpus, data.path)
     if isinstance(corpus, IterableDataset):
         if data.latent_cache or data.embedding_cache:
             raise ValueError("data.latent_cache / data.embedding_cache need a table corpus, not tar shards")
@@ -199,18 +215,27 @@ def load_rows(
 
 def _raise_missing_columns(corpus: ParallelCorpus, path: str) -> None:
     """Name the column and file behind a corpus with no usable row, when a needed column is in none of a file's
-    rows (a wrong ``--data.en_column`` / ``--data.zh_column``, or a file of the wrong language)."""
+    rows (a wrong ``--data.en_column`` / ``--data.zh_column`` / ``--data.image_column``, or a file of the wrong
+    language), with the columns the file has and the closest one; else give the row accounting."""
     columns = corpus.columns
-    for name, option in ((columns.target, "data.zh_column"), (columns.en, "data.en_column")):
+    needed = [(columns.target, "data.zh_column"), (columns.en, "data.en_column")]
+    needed += [(columns.image, "data.image_column")] if any(corpus.with_images.values()) else []
+    for name, option in needed:
         if name is None:
             continue
         for file in corpus.paths:
-            if not _has_column(file, name):
+            present = column_names(file)
+            if name not in present:
                 raise ValueError(
-                    f"{file} has no column {name!r} ({option}), which this recipe reads; name the column "
+                    f"{file} has no column {name!r} ({option}), which this recipe reads; its columns are "
+                    f"{', '.join(map(repr, present)) or 'none'}{did_you_mean(name, present)}; name the column "
                     f"with --{option} NAME"
                 )
-    raise ValueError(f"no usable row in {path}: {corpus.report.summary()}")
+    summary = corpus.accounting().summary()
+    hint = ""
+    if corpus.report.counts.get(BAD_UTF8, 0) == corpus.report.total:
+        hint = "; every row has bytes that are not UTF-8: convert the file (e.g. from GB18030) to UTF-8"
+    raise ValueError(f"no usable row in {path}: {summary}{hint}")
 
 
 def _cached(

@@ -142,6 +142,8 @@ def make_dataloader(
     # Its own generator: a new iterator then leaves the global RNG (dropout's) where load_state put it.
     generator = torch.Generator().manual_seed(seed)
     if isinstance(rows, IterableDataset):
+        if num_workers > 0 and hasattr(rows, "share_accounting"):
+            rows.share_accounting()  # workers read the shards: their counts must reach this process
         return DataLoader(
             _IndexedStream(rows),
             batch_size=batch_size,

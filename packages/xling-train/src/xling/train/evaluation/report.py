@@ -11,6 +11,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from PIL import Image
 
+from xling.train.data.accounting import RowAccounting
 from xling.train.evaluation.results import ATTRIBUTES, EvalResult, Samples
 
 
@@ -177,7 +178,12 @@ def report_markdown(
 
 
 def write_report(
-    result: EvalResult, out_dir: str | Path, *, title: str = "xling evaluation", grid: bool = True
+    result: EvalResult,
+    out_dir: str | Path,
+    *,
+    title: str = "xling evaluation",
+    grid: bool = True,
+    rows: RowAccounting | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``metrics.json`` and (with examples) ``grid.png`` into ``out_dir``.
 
@@ -186,6 +192,7 @@ def write_report(
         out_dir: The report directory (created).
         title: The report's heading.
         grid: Draw ``grid.png`` when the result has examples.
+        rows: A training run's row accounting: a ``## Data`` section of the report and ``rows`` in the metrics.
 
     Returns:
         ``{"report": ..., "metrics": ..., "grid": ...}`` (``grid`` only when written).
@@ -196,11 +203,11 @@ def write_report(
     if grid and result.examples:
         paths["grid"] = write_grid(result, out_dir / "grid.png")
     paths["report"] = out_dir / "report.md"
-    paths["report"].write_text(
-        report_markdown(result, title=title, grid="grid.png" if "grid" in paths else None)
-    )
+    text = report_markdown(result, title=title, grid="grid.png" if "grid" in paths else None)
+    paths["report"].write_text(text + (f"\n{rows.to_markdown()}" if rows is not None else ""))
+    metrics = {**result.to_dict(), **({"rows": rows.to_dict()} if rows is not None else {})}
     paths["metrics"] = out_dir / "metrics.json"
-    paths["metrics"].write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    paths["metrics"].write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return paths
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from xling.adapters.encoder import LanguageEncoder, looks_like_local_path
+from xling.train.data.accounting import RowAccounting
 from xling.train.evaluation.pairs import evaluate_pairs
 from xling.train.evaluation.report import write_images, write_report
 from xling.train.evaluation.results import EvalResult
@@ -203,6 +204,7 @@ def write_run_report(
     device: str | torch.device = "cpu",
     title: str | None = None,
     prompt_pairs: Sequence[tuple[str, str]] | None = None,
+    rows: RowAccounting | None = None,
 ) -> dict[str, Path]:
     """The end-of-training evaluation ``run_recipe`` calls: load the adapter, evaluate, write the report.
 
@@ -224,6 +226,7 @@ def write_run_report(
         device: Where the evaluation runs.
         title: Report title (default names the adapter directory).
         prompt_pairs: ``(en, zh)`` pairs of held-out rows (the validation split), scored off the toy world.
+        rows: The run's row accounting, written into ``report.md`` (``## Data``) and ``metrics.json`` (``rows``).
 
     Returns:
         ``{"report": ..., "metrics": ..., "grid": ...}``; only ``{"report": ...}`` off the toy world without
@@ -231,7 +234,7 @@ def write_run_report(
     """
     title = title or f"xling evaluation of {Path(adapter_dir).name}"
     if not toy and not prompt_pairs:
-        return {"report": _write_unscored_report(adapter_dir, output_dir, teacher, title)}
+        return {"report": _write_unscored_report(adapter_dir, output_dir, teacher, title, rows)}
     result = evaluate_adapter(
         adapter_dir,
         teacher,
@@ -246,11 +249,15 @@ def write_run_report(
         num_examples=num_prompts,
         device=device,
     )
-    return write_report(result, output_dir, title=title)
+    return write_report(result, output_dir, title=title, rows=rows)
 
 
 def _write_unscored_report(
-    adapter_dir: str | Path, output_dir: str | Path, teacher: str | Path, title: str
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    teacher: str | Path,
+    title: str,
+    rows: RowAccounting | None,
 ) -> Path:
     """``report.md`` of a real-teacher run given no held-out prompts: what needs them, how to score later."""
     out = Path(output_dir)
@@ -262,7 +269,7 @@ def _write_unscored_report(
         "PSNR) and the CLIP score all need parallel English / translated prompts.\n\n"
         f"Score the adapter on them with `xling eval --adapter {adapter_dir} --prompts pairs.jsonl` "
         '(one `{"en": ..., "zh": ...}` object per line; the adapter records its teacher).\n'
-    )
+    ) + (f"\n{rows.to_markdown()}" if rows is not None else "")
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -120,6 +120,7 @@ def run_recipe(
     from xling.train.config import load_config, validate
     from xling.train.data import load_rows
     from xling.train.loop import frozen_dtype, make_accelerator, train
+    from xling.train.rundir import RunFolder
 
     recipe = get_recipe(name)
     cfg = load_config(name, config, overrides)
@@ -127,6 +128,8 @@ def run_recipe(
     validate(cfg, needs_data=train_data is None)
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
+    # Before any model loads too: the output folder is writable, not another run's, and locked for this one.
+    run = RunFolder.claim(cfg, accelerator)
     step = recipe.build(cfg, device=accelerator.device, dtype=frozen_dtype(accelerator))
     if train_data is None:
         # Forked RNG: building a cache (VAE sampling) must not shift the RNG the training (dropout) draws from.
@@ -139,7 +142,7 @@ def run_recipe(
                 teacher=step.teacher,
                 accelerator=accelerator,
             )
-    result = train(step, cfg, train_data, val_data, accelerator=accelerator, on_step=on_step)
+    result = train(step, cfg, train_data, val_data, accelerator=accelerator, on_step=on_step, run=run)
     if cfg.eval.enabled and accelerator.is_main_process and result.adapter_dir is not None:
         from xling.train.evaluation import prompt_pairs_from_rows, write_run_report
         from xling.train.toyworld.names import TOY
@@ -159,6 +162,8 @@ def run_recipe(
                 guidance_scale=cfg.eval.guidance_scale,
                 max_scenes=cfg.eval.max_scenes,
                 prompt_pairs=pairs,
+                rows=result.rows,
             )
         )
+    run.release()  # on an error, at exit (or by the next run of this process, which finds its own pid)
     return result
