@@ -36,6 +36,7 @@ def test_real_teacher_config_is_the_public_code():
     )
     assert (cfg.batch_size, cfg.max_steps, cfg.data.crop, cfg.weight_decay) == (10, 2232142, "random", 0.0)
     assert cfg.student_padding_mask is False and (cfg.timestep_min, cfg.timestep_max) == (0, None)
+    assert (cfg.latents, cfg.time_ids) == ("sample", "image")
     toy = load_config("pea")
     assert (toy.lr_scheduler, toy.student_padding_mask, toy.adapter_hidden) == ("cosine", True, 64)
 
@@ -44,7 +45,7 @@ def _blocks(unet) -> list[torch.nn.Module]:
     return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
 
 
-def _run(unet, teacher, z_t, t, embeds, pooled):
+def _run(unet, z_t, t, embeds, pooled, time_ids):
     """PEA's UNet call with its ``cast_hook`` (down blocks: ``output[0]``), written independently of FeatureTap."""
     feats: list[torch.Tensor] = []
     hooks = [
@@ -52,14 +53,11 @@ def _run(unet, teacher, z_t, t, embeds, pooled):
         for b in _blocks(unet)
     ]
     try:
-        time_ids = torch.tensor(
-            [[teacher.resolution, teacher.resolution, 0, 0, teacher.resolution, teacher.resolution]]
-        )
         pred = unet(
             z_t,
             t,
             encoder_hidden_states=embeds,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(len(t), 1).float()},
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         ).sample
     finally:
         for h in hooks:
@@ -73,7 +71,15 @@ def _pea_total(step, batch: Batch, *, hybrid: bool, normalisation: str) -> tuple
     unet, sched = teacher.unet, teacher.scheduler
     gens = row_generators(c.seed, batch.step, batch.index, "caption_dropout")
     drop = torch.tensor([float(torch.rand((), generator=g)) for g in gens]) < c.caption_dropout
-    z0 = batch.latents
+    # latent_dist.sample() (one generator per row, so a row's draw does not depend on the batch) * scaling
+    posterior = teacher.vae.encode(batch.pixels).latent_dist
+    z0 = posterior.sample(generator=row_generators(c.seed, batch.step, batch.index, "latents"))
+    z0 = z0 * teacher.vae.config.scaling_factor
+    # add_time_ids: the image's original size, its crop corner, the target size (train_sdxl_zh.py)
+    r = teacher.resolution
+    time_ids = torch.cat(
+        [batch.extra["original_size"], batch.extra["crop_top_left"], torch.tensor([[r, r]] * len(batch))], 1
+    ).float()
     noise, t = sample_noise_and_timesteps(batch, z0.shape[1:], seed=c.seed, num_train_timesteps=1000)
     offs = torch.stack(
         [
@@ -88,7 +94,7 @@ def _pea_total(step, batch: Batch, *, hybrid: bool, normalisation: str) -> tuple
         en_empty = teacher.encode([""] * len(batch))
         # prompt_mask: the same rows on both sides; the pooled text_embeds are never dropped.
         en_embeds = torch.where(drop[:, None, None], en_empty.prompt_embeds, en.prompt_embeds)
-        pred_t, feats_t = _run(unet, teacher, z_t, t, en_embeds, en.pooled_prompt_embeds)
+        pred_t, feats_t = _run(unet, z_t, t, en_embeds, en.pooled_prompt_embeds, time_ids)
     enc = step.encoder
     hidden = enc.encode([*batch.zh, ""]).hidden_states  # [B + 1, W, d]
     head = enc.head
@@ -96,7 +102,7 @@ def _pea_total(step, batch: Batch, *, hybrid: bool, normalisation: str) -> tuple
     tokens = head.out_proj(x)  # fc(GELU(x))
     pooled = x.mean(1)[: len(batch)]  # torch.mean(x, 1): every position, padding included
     zh_embeds = torch.where(drop[:, None, None], tokens[len(batch) :], tokens[: len(batch)])
-    pred_s, feats_s = _run(unet, teacher, z_t, t, zh_embeds, pooled)
+    pred_s, feats_s = _run(unet, z_t, t, zh_embeds, pooled, time_ids)
 
     per_row = lambda a, b: F.mse_loss(a, b, reduction="none").mean([1, 2, 3])  # noqa: E731
     zh_or_not = batch.culture.float() if hybrid else torch.zeros(len(batch))
@@ -121,9 +127,14 @@ def test_total_loss_is_peas(hybrid, normalisation, dropout, tiny_sdxl_path, tiny
     overrides = {"hybrid": hybrid, "hybrid_normalisation": normalisation, "caption_dropout": dropout}
     cfg = load_config("pea", tiny_config(tiny_sdxl_path, tiny_bert_path, tmp_path, **overrides))
     step = get_recipe("pea").build(cfg, device=torch.device("cpu"), dtype=torch.float32).train()
-    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    side = step.teacher.resolution
+    pixels = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(3)) * 2 - 1
     culture = torch.tensor([True, False, False, False])  # rows [1, 0, 0, 0]: 0.25 per term over the batch
-    batch = Batch(en=EN, zh=ZH, index=torch.arange(4) + 7, latents=latents, culture=culture, step=5)
+    sizes = {  # each row's size before the resize and its crop corner, as the image transform records them
+        "original_size": torch.tensor([[side, 2 * side], [3 * side, side], [side, side], [2 * side, 2 * side]]),
+        "crop_top_left": torch.tensor([[0, 5], [9, 0], [0, 0], [3, 3]]),
+    }
+    batch = Batch(en=EN, zh=ZH, index=torch.arange(4) + 7, pixels=pixels, culture=culture, step=5, extra=sizes)
     total, logs = step(batch)
     expected, drop = _pea_total(step, batch, hybrid=hybrid, normalisation=normalisation)
     if dropout == 0.5:

@@ -104,12 +104,12 @@ def test_pea_hybrid_uses_denoising_for_culture_rows(recipe_config, recipe_rows):
     assert {"train/feature", "train/output", "train/denoise"} <= set(result.logs[0])
 
 
-def test_text_recipes_need_no_images(recipe_config):
+def test_text_recipes_need_no_images(recipe_config, tmp_path):
     from tests.train.conftest import make_rows
 
     rows = make_rows(8, images=False)
     for name in sorted(TEXT_ONLY):
-        cfg = load_config(name, recipe_config(max_steps=1))
+        cfg = load_config(name, recipe_config(max_steps=1, output_dir=tmp_path / name))
         assert get_recipe(name).needs_images is False
         step = get_recipe(name).build(cfg, device=torch.device("cpu"), dtype=torch.float32)
         assert train(step, cfg, rows).steps == 1

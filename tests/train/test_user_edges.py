@@ -45,7 +45,10 @@ def test_every_option_has_help():
 # ---- 4. mtn on captions longer than the student's window ------------------------------------------------------
 
 
-def test_mtn_trains_on_captions_longer_than_the_student_window(tiny_sd1_path, tiny_bert_path, tmp_path):
+@pytest.mark.parametrize("windows", ["first", "all"])  # GlueGen's truncation, xling's every window
+def test_mtn_trains_on_captions_longer_than_the_student_window(
+    windows, tiny_sd1_path, tiny_bert_path, tmp_path
+):
     from transformers import AutoTokenizer
 
     from xling.adapters import LanguageEncoder
@@ -58,7 +61,9 @@ def test_mtn_trains_on_captions_longer_than_the_student_window(tiny_sd1_path, ti
     assert len(tokens) > 77
     short_zh = _tiny.BILINGUAL_TEXT[1]
     rows = [{"en": "a cat wearing a hat", "zh": long_zh if i % 2 else short_zh} for i in range(6)]
-    config = tiny_config(tiny_sd1_path, tiny_bert_path, tmp_path / "run", max_steps=2, batch_size=2)
+    config = tiny_config(
+        tiny_sd1_path, tiny_bert_path, tmp_path / "run", max_steps=2, batch_size=2, windows=windows
+    )
     result = run_recipe("mtn", config, train_data=rows)
     assert result.steps == 2 and all(np.isfinite(result.losses))
 

@@ -496,7 +496,11 @@ class Teacher:
 
     @torch.no_grad()
     def encode_images(
-        self, pixels: Tensor, *, generator: torch.Generator | None = None, sample: bool = True
+        self,
+        pixels: Tensor,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        sample: bool = True,
     ) -> Tensor:
         """VAE latents of images, scaled as the UNet expects them.
 
@@ -505,7 +509,7 @@ class Teacher:
 
         Args:
             pixels: ``[B, 3, H, W]`` images in ``[-1, 1]``, ``H`` and ``W`` multiples of :attr:`vae_scale_factor`.
-            generator: RNG for the posterior sample.
+            generator: RNG for the posterior sample, or one per image (``B`` CPU generators).
             sample: sample the posterior (training) or take its mode (deterministic caches).
 
         Returns:
@@ -561,18 +565,30 @@ class Teacher:
             )
         return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(batch_size, 1)
 
-    def added_cond_kwargs(self, conditioning: Conditioning) -> dict[str, Tensor] | None:
+    def added_cond_kwargs(
+        self, conditioning: Conditioning, time_ids: Tensor | None = None
+    ) -> dict[str, Tensor] | None:
         """``added_cond_kwargs`` for ``unet(...)``: SDXL's ``text_embeds`` + ``time_ids``; ``None`` otherwise.
 
         Args:
             conditioning: the teacher's (or a student's) conditioning with ``pooled_prompt_embeds [B, P]`` for SDXL.
+            time_ids: ``[B, 6]`` per-row time ids; ``None``: :meth:`add_time_ids`' square defaults.
         """
         if self.family != "sdxl":
             return None
         pooled = conditioning.pooled_prompt_embeds
         if pooled is None:
             raise ValueError("an SDXL UNet needs `pooled_prompt_embeds`, got None")
-        return {"text_embeds": pooled.to(self.dtype), "time_ids": self.add_time_ids(pooled.shape[0])}
+        if time_ids is None:
+            time_ids = self.add_time_ids(pooled.shape[0])
+        elif tuple(time_ids.shape) != (pooled.shape[0], 6):
+            raise ValueError(
+                f"`time_ids` must be [B, 6] = {(pooled.shape[0], 6)}, got {tuple(time_ids.shape)}"
+            )
+        return {
+            "text_embeds": pooled.to(self.dtype),
+            "time_ids": time_ids.to(device=self.device, dtype=self.dtype),
+        }
 
     def pooled(self, prompts: str | Sequence[str], conditioning: Conditioning | None = None) -> Tensor:
         """The teacher's pooled text vector ``[B, P]``, the one AltDiffusion distils.
@@ -600,6 +616,7 @@ class Teacher:
         conditioning: Conditioning,
         *,
         attention_mask: Tensor | None = None,
+        time_ids: Tensor | None = None,
     ) -> Tensor:
         """One denoiser forward as the pipelines make it, with whatever taps are installed.
 
@@ -611,6 +628,7 @@ class Teacher:
             conditioning: ``prompt_embeds [B, L, D]`` (+ ``pooled_prompt_embeds [B, P]`` for SDXL).
             attention_mask: ``[B, L]`` key padding mask of ``prompt_embeds`` (1 = attend), or ``None``: every
                 position attends, as at generation.
+            time_ids: SDXL's ``[B, 6]`` added time ids; ``None``: the square defaults of :meth:`add_time_ids`.
 
         Returns:
             The UNet's prediction ``[B, C, h, w]`` (epsilon, v or x0: :attr:`prediction_type`).
@@ -620,7 +638,7 @@ class Teacher:
             timesteps,
             encoder_hidden_states=conditioning.prompt_embeds.to(self.dtype),
             encoder_attention_mask=attention_mask,
-            added_cond_kwargs=self.added_cond_kwargs(conditioning),
+            added_cond_kwargs=self.added_cond_kwargs(conditioning, time_ids),
         ).sample
 
     def __repr__(self) -> str:

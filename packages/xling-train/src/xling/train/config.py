@@ -115,6 +115,11 @@ class RecipeConfig:
         TOY,
         "Student encoder directory or Hub id ('toy': the MLM-pretrained toy student; 'toy-random', 'toy-aligned').",
     )
+    student_max_length: int = option(
+        77,
+        "Tokens per student window, special tokens included (capped by the student's own limit; PEA's "
+        "Chinese-CLIP student reads 52).",
+    )
     variant: str | None = option(
         None,
         "Weights variant of the teacher's files ('fp16' loads *.fp16.safetensors; None: the default weights).",
@@ -176,6 +181,16 @@ class NoisedImagesConfig:
     denoise)."""
 
     timestep_min: int = option(0, "Smallest training timestep sampled.")
+    time_ids: Literal["square", "image"] = option(
+        "square",
+        "SDXL added time ids: 'square' (R, R, 0, 0, R, R) for every row, or each row's 'image' size before the "
+        "resize and its crop corner (diffusers' and PEA's SDXL scripts).",
+    )
+    latents: Literal["mode", "sample"] = option(
+        "mode",
+        "Clean latents: the VAE posterior's 'mode' (deterministic; what the latent cache stores) or a 'sample' "
+        "of it, one seeded generator per row (PEA's and diffusers' training scripts).",
+    )
     timestep_max: int | None = option(None, "Largest training timestep sampled (None: the scheduler's last).")
     # The diffusers pipelines take `prompt_embeds` without a mask, so generation attends to every student
     # position. Training unmasked would match that, yet scored lower in the toy world (IAP 87.5% vs 95.8%,

@@ -54,24 +54,48 @@ def sample_noise_and_timesteps(
 
 
 @torch.no_grad()
-def clean_latents(teacher: Teacher, batch: Batch) -> Tensor:
+def clean_latents(teacher: Teacher, batch: Batch, *, latents: str = "mode", seed: int = 0) -> Tensor:
     """Scaled VAE latents ``[B, C, h, w]``: the cached ones, else the frozen VAE's encoding of ``batch.pixels``.
 
-    The posterior mode, as the latent cache stores it: deterministic, so runs match across process counts.
+    Args:
+        teacher: its VAE encodes the images.
+        batch: rows with ``pixels`` or cached ``latents``.
+        latents: ``"mode"``: the posterior mode, as the latent cache stores it; ``"sample"``: a posterior sample
+            (what diffusers' and PEA's training scripts take), drawn from one generator per row seeded by
+            ``(seed, step, row index)``, so runs still match across process counts and resumes.
+        seed: the run's seed (``"sample"``).
+
+    Raises:
+        ValueError: ``"sample"`` on cached latents (the cache holds the mode only).
     """
     if batch.latents is not None:
+        if latents == "sample":
+            raise ValueError(
+                "latents: sample needs the images, but these rows carry cached latents (the posterior mode); "
+                "set --latents mode or train without the latent cache"
+            )
         return batch.latents
     if batch.pixels is None:
         raise ValueError("this recipe needs images (or cached latents); the batch has neither")
+    if latents == "sample":
+        gens = row_generators(seed, batch.step, batch.index, "latents")
+        return teacher.encode_images(batch.pixels, generator=gens, sample=True).float()
     return teacher.encode_images(batch.pixels, sample=False).float()
 
 
 def noisy_latents(
-    teacher: Teacher, batch: Batch, *, seed: int, t_min: int = 0, t_max: int | None = None
+    teacher: Teacher,
+    batch: Batch,
+    *,
+    seed: int,
+    t_min: int = 0,
+    t_max: int | None = None,
+    latents: str = "mode",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(z0, noise, timesteps, z_t)``: ``[B, C, h, w]`` latents noised by the teacher's training scheduler at
-    per-row seeded ``timesteps [B]`` drawn from ``[t_min, t_max]``."""
-    z0 = clean_latents(teacher, batch)
+    """``(z0, noise, timesteps, z_t)``: ``[B, C, h, w]`` latents (``latents``: the posterior mode or a sample, see
+    :func:`clean_latents`) noised by the teacher's training scheduler at per-row seeded ``timesteps [B]`` drawn
+    from ``[t_min, t_max]``."""
+    z0 = clean_latents(teacher, batch, latents=latents, seed=seed)
     scheduler = teacher.scheduler
     noise, t = sample_noise_and_timesteps(
         batch,
@@ -83,3 +107,27 @@ def noisy_latents(
         device=z0.device,
     )
     return z0, noise, t, scheduler.add_noise(z0, noise, t)
+
+
+def time_ids(teacher: Teacher, batch: Batch, rule: str = "square") -> Tensor | None:
+    """SDXL's added time ids ``[B, 6]`` for ``batch``; ``None`` for other teachers or the ``"square"`` rule.
+
+    ``"square"``: ``(R, R, 0, 0, R, R)`` for every row (the teacher's defaults). ``"image"``: each row's size before
+    the resize and its crop corner, ``(h, w, top, left, R, R)``, as diffusers' and PEA's SDXL scripts pass them.
+
+    Raises:
+        ValueError: ``"image"`` on rows that do not carry ``original_size`` / ``crop_top_left`` (cached latents).
+    """
+    if rule == "square" or teacher.family != "sdxl":
+        return None
+    if "original_size" not in batch.extra or "crop_top_left" not in batch.extra:
+        raise ValueError(
+            "time_ids: image needs each row's original image size and crop corner, but these rows carry none "
+            "(cached latents or a custom dataset); set --time_ids square"
+        )
+    ids = teacher.add_time_ids(len(batch))
+    assert ids is not None  # an SDXL teacher
+    ids = ids.clone()
+    ids[:, 0:2] = batch.extra["original_size"].to(ids)
+    ids[:, 2:4] = batch.extra["crop_top_left"].to(ids)
+    return ids

@@ -85,7 +85,8 @@ def collate_rows(items: Sequence[tuple[int, Mapping[str, Any]]]) -> Batch:
     Returns:
         The :class:`Batch`: ``index`` ``[B]``; ``pixels`` ``[B, 3, H, W]`` float32 when every row has an
         image, ``latents`` ``[B, C, h, w]`` float32 when every row has them, ``extra`` the cached embeddings
-        present in every row (``[B, L, D]``, ``[B, P]``), ``culture`` ``[B]`` bool when any row has the flag.
+        present in every row (``[B, L, D]``, ``[B, P]``) and the images' ``original_size`` / ``crop_top_left``
+        (``[B, 2]`` long), ``culture`` ``[B]`` bool when any row has the flag.
 
     Raises:
         ValueError: ``items`` is empty, or a row has no target caption (``zh`` or ``target``).
@@ -108,6 +109,12 @@ def collate_rows(items: Sequence[tuple[int, Mapping[str, Any]]]) -> Batch:
     for key in ("prompt_embeds", "pooled_prompt_embeds"):  # a teacher-embedding cache's rows
         if all(isinstance(r.get(key), Tensor) for r in rows):
             extra[key] = torch.stack([r[key] for r in rows])
+    for key in (
+        "original_size",
+        "crop_top_left",
+    ):  # (h, w) / (top, left) of the image transform: SDXL time ids
+        if all(r.get(key) is not None for r in rows):
+            extra[key] = torch.tensor([tuple(r[key]) for r in rows], dtype=torch.long)
     flags = [_first(r, _CULTURE) for r in rows]
     culture = torch.tensor([bool(f) for f in flags]) if any(f is not None for f in flags) else None
     return Batch(

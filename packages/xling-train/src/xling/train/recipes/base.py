@@ -120,5 +120,8 @@ def head_widths(teacher: Teacher, student: str) -> dict[str, Any]:
 
 
 def student_encoder(config: RecipeConfig, head: nn.Module, **kwargs: Any) -> LanguageEncoder:
-    """A :class:`~xling.adapters.LanguageEncoder` on the student ``config.student`` names, with ``head``."""
-    return LanguageEncoder.from_student(resolve_student(config.student), head, **kwargs)
+    """A :class:`~xling.adapters.LanguageEncoder` on the student ``config.student`` names, with ``head``, reading
+    windows of ``config.student_max_length`` tokens."""
+    return LanguageEncoder.from_student(
+        resolve_student(config.student), head, max_length=config.student_max_length, **kwargs
+    )

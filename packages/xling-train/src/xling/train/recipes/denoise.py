@@ -22,7 +22,7 @@ from xling.core import Teacher
 from xling.losses import denoising, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
-from xling.train.noise import noisy_latents
+from xling.train.noise import noisy_latents, time_ids
 from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
 SUMMARY = "plain denoising loss on the student, the cross-attention K/V or the UNet (needs images)"
@@ -60,11 +60,15 @@ class DenoiseStep(TrainStep[DenoiseConfig]):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         teacher, c = self.teacher, self.config
         z0, noise, t, z_t = noisy_latents(
-            teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
+            teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max, latents=c.latents
         )
         student = self.encoder(batch.zh)
         pred = teacher.denoise(
-            z_t, t, student, attention_mask=student.attention_mask if c.student_padding_mask else None
+            z_t,
+            t,
+            student,
+            attention_mask=student.attention_mask if c.student_padding_mask else None,
+            time_ids=time_ids(teacher, batch, c.time_ids),
         )
         loss = denoising(
             pred.float(),

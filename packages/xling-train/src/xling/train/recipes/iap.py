@@ -22,7 +22,7 @@ from xling.kernels import dual_attention_mse, dual_attention_mse_reference
 from xling.losses import pooled_kd, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
-from xling.train.noise import noisy_latents
+from xling.train.noise import noisy_latents, time_ids
 from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
 SUMMARY = "images as pivots: student encoder, cross-attention MSE with a shared query (needs images)"
@@ -63,13 +63,13 @@ class IAPStep(TrainStep[IAPConfig]):
         with torch.no_grad():
             english = self.english(batch)  # prompt_embeds [B, 77, D]
             _, _, t, z_t = noisy_latents(
-                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
+                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max, latents=c.latents
             )
         student = self.encoder(batch.zh)  # prompt_embeds [B, L, D]
         with self.tap as tap:
             mask = student.attention_mask if c.student_padding_mask else None
             tap.set_student(student.prompt_embeds.to(teacher.dtype), mask)
-            teacher.denoise(z_t, t, english)
+            teacher.denoise(z_t, t, english, time_ids=time_ids(teacher, batch, c.time_ids))
             layer_losses = list(tap.losses)  # one fp32 scalar per cross-attention layer
         terms = {"attention": torch.stack([loss.float() for loss in layer_losses]).sum()}
         if english.pooled_prompt_embeds is not None and student.pooled_prompt_embeds is not None:

@@ -26,8 +26,9 @@ windows' ``[77, D]`` translations): a caption of ``C`` windows gives ``h`` of ``
 ``C`` windows of ``W`` tokens, each translated to ``[77, D]``. The teacher's own CLIP tokenizer truncates the
 English caption at 77 tokens, so ``E_en`` stands for the beginning of the caption only: the MSE, the
 adversarial term and the SDXL pooled term compare the **first** window's translation with it, while the
-reconstruction (which needs no teacher) runs over **every** window (filler windows of shorter captions in the
-batch are masked out). GlueGen truncates the caption to its first window.
+reconstruction (which needs no teacher) runs over **every** window with ``windows: all`` (filler windows of
+shorter captions in the batch are masked out). ``windows: first``, the default, trains on the first window
+alone, as GlueGen, which truncates the caption there.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class MTNConfig(RecipeConfig):
     grl_scale: float = option(
         0.1, "Gradient-reversal scale between the translator and the discriminator (GlueGen: 0.1)."
     )
+    windows: Literal["first", "all"] = option(
+        "first",
+        "Captions longer than one student window: train on the 'first' window only (GlueGen truncates at 77 "
+        "tokens) or reconstruct 'all' of them (the MSE always compares the first with the 77-token English).",
+    )
     discriminator: Literal["gluegen", "xling"] = option(
         "gluegen",
         "'gluegen': a per-token discriminator, Linear(D, D/4), BatchNorm1d, ReLU, Linear(D/4, 2) (GlueGen); "
@@ -158,6 +164,9 @@ class MTNStep(TrainStep[MTNConfig]):
         # One window at a time, as LanguageEncoder.forward applies the head at inference (module docstring).
         hidden = student.hidden_states.float().reshape(b * c_windows, -1, student.hidden_states.shape[-1])
         mask = student.attention_mask.reshape(b * c_windows, -1)  # [B*C, W], 0 on filler windows
+        if c.windows == "first" and c_windows > 1:  # GlueGen: the caption cut at one window
+            hidden = hidden.reshape(b, c_windows, *hidden.shape[1:])[:, 0]
+            mask, c_windows = mask.reshape(b, c_windows, -1)[:, 0], 1
         source, source_mask = translator.pad_source(hidden, mask)  # [B*C, S, d] (scaled), [B*C, S]
         translated = translator.encoder(source)  # [B*C, 77, D], before the output scale
         recon = translator.reconstruct(translated)  # [B*C, S, d]
@@ -190,8 +199,14 @@ def translator_config(config: MTNConfig, teacher: Teacher) -> MixerTranslatorCon
     """The ``MixerTranslatorConfig`` ``config`` asks for on ``teacher`` (widths from the teacher and the student).
 
     Raises:
-        ValueError: ``output_norms="gluegen"`` on a teacher whose embeddings are not 77 tokens long.
+        ValueError: ``output_norms="gluegen"`` on a teacher whose embeddings are not 77 tokens long; a student
+            window over the translator's 77 source positions.
     """
+    if config.student_max_length > 77:
+        raise ValueError(
+            f"config key 'student_max_length' is {config.student_max_length}, but the translator reads windows of "
+            "at most 77 student tokens"
+        )
     widths = head_widths(teacher, config.student)
     target = teacher.max_length
     if config.output_norms == "gluegen" and target != len(GLUEGEN_OUTPUT_SCALE):

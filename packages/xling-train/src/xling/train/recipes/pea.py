@@ -29,7 +29,7 @@ from xling.core import Conditioning, FeatureTap
 from xling.losses import denoising, feature_kd, output_kd, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
-from xling.train.noise import noisy_latents, row_generators
+from xling.train.noise import noisy_latents, row_generators, time_ids
 from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
 SUMMARY = "PEA-Diffusion: frozen student + MLP adapter, denoising + UNet feature + output KD (needs images)"
@@ -54,6 +54,16 @@ class PEAConfig(NoisedImagesConfig, RecipeConfig):
         "'polynomial' (PEA: transformers' polynomial decay, power 1), 'cosine', 'constant' or 'linear'.",
     )
     warmup_steps: int = option(100, "Warmup steps (PEA: 100).")
+    time_ids: Literal["square", "image"] = option(
+        "image",
+        "SDXL added time ids: each row's 'image' size before the resize and its crop corner (PEA) or 'square' "
+        "(R, R, 0, 0, R, R).",
+    )
+    latents: Literal["mode", "sample"] = option(
+        "sample",
+        "Clean latents: a seeded 'sample' of the VAE posterior (PEA: latent_dist.sample()) or its 'mode' (what "
+        "the latent cache stores; needed with it).",
+    )
     # PEA's UNet attends to every position of the student's window (no encoder_attention_mask).
     student_padding_mask: bool = option(
         False,
@@ -99,11 +109,11 @@ class PEAStep(TrainStep[PEAConfig]):
     _empty_teacher: Tensor | None = None
 
     def _denoise(
-        self, z_t: Tensor, t: Tensor, conditioning: Conditioning, mask: Tensor | None
+        self, z_t: Tensor, t: Tensor, conditioning: Conditioning, mask: Tensor | None, ids: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Noise prediction ``[B, C, h, w]`` and the tapped block outputs, in fp32."""
         with FeatureTap(self.teacher.unet) as tap:
-            pred = self.teacher.denoise(z_t, t, conditioning, attention_mask=mask)
+            pred = self.teacher.denoise(z_t, t, conditioning, attention_mask=mask, time_ids=ids)
             features = tap.take()
         return pred.float(), {k: v.float() for k, v in features.items()}
 
@@ -161,13 +171,14 @@ class PEAStep(TrainStep[PEAConfig]):
                     english.attention_mask,
                 )
             z0, noise, t, _ = noisy_latents(
-                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max
+                teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max, latents=c.latents
             )
             noise, z_t = self._offset_noise(batch, z0, noise, t)
-            pred_t, feats_t = self._denoise(z_t, t, english, None)
+            ids = time_ids(teacher, batch, c.time_ids)  # SDXL [B, 6], the same for both passes
+            pred_t, feats_t = self._denoise(z_t, t, english, None, ids)
         student = self._student(batch, drop)
         pred_s, feats_s = self._denoise(
-            z_t, t, student, student.attention_mask if c.student_padding_mask else None
+            z_t, t, student, student.attention_mask if c.student_padding_mask else None, ids
         )
 
         culture = torch.zeros(len(batch), dtype=torch.bool, device=pred_s.device)
