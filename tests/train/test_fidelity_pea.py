@@ -131,10 +131,14 @@ def test_total_loss_is_peas(hybrid, normalisation, dropout, tiny_sdxl_path, tiny
     pixels = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(3)) * 2 - 1
     culture = torch.tensor([True, False, False, False])  # rows [1, 0, 0, 0]: 0.25 per term over the batch
     sizes = {  # each row's size before the resize and its crop corner, as the image transform records them
-        "original_size": torch.tensor([[side, 2 * side], [3 * side, side], [side, side], [2 * side, 2 * side]]),
+        "original_size": torch.tensor(
+            [[side, 2 * side], [3 * side, side], [side, side], [2 * side, 2 * side]]
+        ),
         "crop_top_left": torch.tensor([[0, 5], [9, 0], [0, 0], [3, 3]]),
     }
-    batch = Batch(en=EN, zh=ZH, index=torch.arange(4) + 7, pixels=pixels, culture=culture, step=5, extra=sizes)
+    batch = Batch(
+        en=EN, zh=ZH, index=torch.arange(4) + 7, pixels=pixels, culture=culture, step=5, extra=sizes
+    )
     total, logs = step(batch)
     expected, drop = _pea_total(step, batch, hybrid=hybrid, normalisation=normalisation)
     if dropout == 0.5:
