@@ -175,3 +175,20 @@ def test_polynomial_schedule_is_transformers():
         build_lr_scheduler(
             torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-5), "polynomial", 0, 9, lr_end=1
         )
+
+
+def test_sampled_latents_and_image_time_ids_say_what_the_latent_cache_lacks(tmp_path):
+    from xling.train.noise import time_ids
+
+    real = {"teacher": "org/real-model", "data": {"path": "x.jsonl", "latent_cache": "c"}}
+    with pytest.raises(ValueError, match=r"'latents' is 'sample'.*--latents mode"):
+        load_config("pea", real)
+    assert load_config("pea", {**real, "latents": "mode"}).latents == "mode"
+
+    class _SDXL:  # time_ids reads the family first, and nothing else before it raises
+        family = "sdxl"
+
+    cached = Batch(en=EN, zh=ZH, index=torch.arange(4), latents=torch.zeros(4, 4, 8, 8))
+    with pytest.raises(ValueError, match="--time_ids square"):
+        time_ids(_SDXL(), cached, "image")
+    assert time_ids(_SDXL(), cached, "square") is None

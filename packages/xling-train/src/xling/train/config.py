@@ -498,6 +498,14 @@ def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
     for key in ("weight_decay", "max_grad_norm"):
         if flat[key] < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]}")
+    if config.student_max_length < 3:
+        raise ValueError(f"config key 'student_max_length' must be >= 3, got {config.student_max_length}")
+    if config.data.latent_cache is not None and getattr(config, "latents", None) == "sample":
+        # The cache holds each image's posterior mode (docs/data.md).
+        raise ValueError(
+            "config key 'latents' is 'sample', which needs the images themselves, but data.latent_cache is set; "
+            "drop the cache or set --latents mode"
+        )
     if config.data.resolution is not None and config.data.resolution < 1:
         raise ValueError(f"config key 'data.resolution' must be >= 1 or null, got {config.data.resolution}")
     if needs_data and config.data.path is None:
