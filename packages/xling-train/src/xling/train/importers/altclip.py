@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from xling.train.importers.state import LayoutError, check_layout, read_state_dict, teacher_widths
+from xling.train.toyworld.names import teacher_record
 
 __all__ = ["convert"]
 
@@ -228,4 +229,4 @@ def convert(source: Path, *, teacher: str, output: Path, student: str | None = N
         tokenizer.save_pretrained(tmp)
         encoder = LanguageEncoder.from_student(tmp, head, hidden_layer=layout.hidden_layer, pooling="cls")
         encoder.config.student_model = str(source)  # the temporary folder goes; the adapter holds the weights
-        return encoder.save_pretrained(output, include_student=True, teacher=teacher)
+        return encoder.save_pretrained(output, include_student=True, teacher=teacher_record(teacher))

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import cast
 
 from xling.adapters.config import TeacherFamily
-from xling.train.importers.state import LayoutError, check_layout, read_state_dict, teacher_widths
+from xling.train.importers.state import (
+    LayoutError,
+    check_layout,
+    read_state_dict,
+    save_imported,
+    teacher_widths,
+)
 
 __all__ = ["DEFAULT_STUDENT", "convert", "expected_layout"]
 
@@ -83,7 +89,7 @@ def convert(source: Path, *, teacher: str, output: Path, student: str | None) ->
 
     from xling.adapters import LanguageEncoder, MixerTranslator, MixerTranslatorConfig
     from xling.adapters.mixer import GLUEGEN_INPUT_SCALE, GLUEGEN_OUTPUT_SCALE
-    from xling.train.toyworld.names import TOY, resolve_student, toy_student_variant
+    from xling.train.toyworld.names import resolve_student
 
     student = student or DEFAULT_STUDENT
     state = read_state_dict(source)
@@ -128,10 +134,4 @@ def convert(source: Path, *, teacher: str, output: Path, student: str | None) ->
     )
     head.load_state_dict({_rename(k): v.float() for k, v in state.items()}, strict=True)
     encoder = LanguageEncoder.from_student(student_path, head, max_length=_TOKENS)
-    recorded = teacher
-    if teacher != TOY and Path(teacher).expanduser().is_dir():
-        recorded = str(Path(teacher).expanduser().resolve())
-    encoder.save_pretrained(
-        output, include_student=toy_student_variant(student) is not None, teacher=recorded
-    )
-    return output
+    return save_imported(encoder, output, teacher=teacher, student=student)

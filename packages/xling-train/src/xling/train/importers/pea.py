@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import cast
 
 from xling.adapters.config import TeacherFamily
-from xling.train.importers.state import LayoutError, check_layout, read_state_dict, teacher_widths
+from xling.train.importers.state import (
+    LayoutError,
+    check_layout,
+    read_state_dict,
+    save_imported,
+    teacher_widths,
+)
 
 __all__ = ["convert"]
 
@@ -57,7 +63,7 @@ def convert(source: Path, *, teacher: str, output: Path, student: str | None) ->
             teacher.
     """
     from xling.adapters import LanguageEncoder, MLPAdapter, MLPAdapterConfig
-    from xling.train.toyworld.names import TOY, resolve_student, toy_student_variant
+    from xling.train.toyworld.names import resolve_student
 
     if student is None:
         raise ValueError(
@@ -103,10 +109,4 @@ def convert(source: Path, *, teacher: str, output: Path, student: str | None) ->
     head.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
     window = CHINESE_CLIP_WINDOW if model_type in _CHINESE_CLIP else 77
     encoder = LanguageEncoder.from_student(resolve_student(student), head, max_length=window)
-    recorded = teacher
-    if teacher != TOY and Path(teacher).expanduser().is_dir():
-        recorded = str(Path(teacher).expanduser().resolve())
-    encoder.save_pretrained(
-        output, include_student=toy_student_variant(student) is not None, teacher=recorded
-    )
-    return output
+    return save_imported(encoder, output, teacher=teacher, student=student)

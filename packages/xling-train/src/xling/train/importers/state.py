@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["LayoutError", "check_layout", "read_state_dict", "teacher_widths"]
+if TYPE_CHECKING:
+    from xling.adapters import LanguageEncoder
+
+__all__ = ["LayoutError", "check_layout", "read_state_dict", "save_imported", "teacher_widths"]
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 # Wrappers training scripts put around a state dict (``torch.save({"state_dict": ...})``, DDP's ``module.``).
@@ -136,3 +140,12 @@ def teacher_widths(teacher: str) -> dict[str, object]:
         "teacher_family": family,
         "pooled_width": pooled,
     }
+
+
+def save_imported(encoder: LanguageEncoder, output: Path, *, teacher: str, student: str) -> Path:
+    """Write an imported ``encoder`` to ``output`` as training writes an adapter: the teacher recorded, a toy
+    student copied in."""
+    from xling.train.toyworld.names import teacher_record, toy_student_variant
+
+    include = toy_student_variant(student) is not None
+    return encoder.save_pretrained(output, include_student=include, teacher=teacher_record(teacher))

@@ -12,7 +12,7 @@ from xling.adapters import LanguageEncoder
 from xling.core import Conditioning, Teacher
 from xling.train.config import RecipeConfig
 from xling.train.data import Batch
-from xling.train.toyworld.names import resolve_student, resolve_teacher, toy_student_variant
+from xling.train.toyworld.names import resolve_student, resolve_teacher, teacher_record, toy_student_variant
 
 ConfigT = TypeVar("ConfigT", bound=RecipeConfig)
 
@@ -81,14 +81,11 @@ class TrainStep(nn.Module, Generic[ConfigT]):
         ``"toy"`` for the toy teacher (its folder is inside the installed package), a local folder as an
         absolute path (the adapter may be used from another working directory), a Hub id as is.
         """
-        from xling.train.toyworld.names import TOY
-
         path = Path(output_dir) / "adapter"
         include = toy_student_variant(self.config.student) is not None
-        teacher = self.config.teacher
-        if teacher != TOY and Path(teacher).expanduser().is_dir():
-            teacher = str(Path(teacher).expanduser().resolve())
-        self.encoder.save_pretrained(path, include_student=include, teacher=teacher)
+        self.encoder.save_pretrained(
+            path, include_student=include, teacher=teacher_record(self.config.teacher)
+        )
         return {"adapter": path}
 
 

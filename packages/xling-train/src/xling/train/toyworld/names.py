@@ -9,6 +9,17 @@ TOY = "toy"
 TOY_STUDENTS: tuple[str, ...] = ("pretrained", "random", "aligned")
 
 
+def teacher_record(name: str) -> str:
+    """How an adapter records the teacher ``name``: ``"toy"`` as is (its folder is inside the installed package),
+    a local folder as an absolute path (the adapter may be used from another working directory), a Hub id as
+    is."""
+    from pathlib import Path
+
+    if name != TOY and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
 def resolve_teacher(name: str) -> str:
     """``"toy"`` -> the committed toy teacher's directory; anything else is a path or Hub id, returned as is."""
     if name == TOY:
