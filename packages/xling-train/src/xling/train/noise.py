@@ -113,21 +113,27 @@ def time_ids(teacher: Teacher, batch: Batch, rule: str = "square") -> Tensor | N
     """SDXL's added time ids ``[B, 6]`` for ``batch``; ``None`` for other teachers or the ``"square"`` rule.
 
     ``"square"``: ``(R, R, 0, 0, R, R)`` for every row (the teacher's defaults). ``"image"``: each row's size before
-    the resize and its crop corner, ``(h, w, top, left, R, R)``, as diffusers' and PEA's SDXL scripts pass them.
+    the resize and its crop corner, ``(h, w, top, left, R, R)``, as diffusers' and PEA's SDXL scripts pass them;
+    rows that bring their pixels without that record (in-memory rows) were not resized: their own size, no crop.
 
     Raises:
-        ValueError: ``"image"`` on rows that do not carry ``original_size`` / ``crop_top_left`` (cached latents).
+        ValueError: ``"image"`` on cached latents, which keep no image size.
     """
     if rule == "square" or teacher.family != "sdxl":
         return None
-    if "original_size" not in batch.extra or "crop_top_left" not in batch.extra:
+    recorded = "original_size" in batch.extra and "crop_top_left" in batch.extra
+    if not recorded and batch.pixels is None:
         raise ValueError(
-            "time_ids: image needs each row's original image size and crop corner, but these rows carry none "
-            "(cached latents or a custom dataset); set --time_ids square"
+            "time_ids: image needs each row's original image size and crop corner, but these rows are cached "
+            "latents, which keep none; set --time_ids square"
         )
     ids = teacher.add_time_ids(len(batch))
     assert ids is not None  # an SDXL teacher
     ids = ids.clone()
-    ids[:, 0:2] = batch.extra["original_size"].to(ids)
-    ids[:, 2:4] = batch.extra["crop_top_left"].to(ids)
+    if recorded:
+        ids[:, 0:2] = batch.extra["original_size"].to(ids)
+        ids[:, 2:4] = batch.extra["crop_top_left"].to(ids)
+    else:
+        ids[:, 0:2] = torch.tensor(batch.pixels.shape[-2:]).to(ids)
+        ids[:, 2:4] = 0
     return ids
