@@ -199,7 +199,10 @@ def test_collate_rows_and_shapes(tmp_path: Path, image_dir: Path) -> None:
     assert batch.index.tolist() == [0, 2] and batch.index.dtype == torch.long
     assert batch.culture is not None and batch.culture.tolist() == [False, False]
     assert batch.en == ["a red circle", "a green triangle"] and batch.zh == ["红色圆形", "绿色三角形"]
-    assert batch.latents is None and batch.extra == {}
+    assert batch.latents is None and set(batch.extra) == {"original_size", "crop_top_left"}
+    # the image transform's record, per row, for SDXL's time ids: (h, w) before the resize, (top, left)
+    assert batch.extra["original_size"].shape == (2, 2) and batch.extra["original_size"].dtype == torch.long
+    assert batch.extra["crop_top_left"].shape == (2, 2)
     assert batch.to("cpu") is not batch and torch.equal(batch.to("cpu").pixels, batch.pixels)
 
     # Toy-world rows (zh), cached latents and teacher embeddings; no image in one row: no pixels.
