@@ -234,3 +234,16 @@ def test_generate_reads_a_weight_variant(
     # without --variant diffusers looks for the plain weight files, which this folder does not have
     assert main([*args, "--out", str(tmp_path / "b")]) == 2
     assert "xling generate: error:" in capsys.readouterr().err
+
+
+def test_import_help_lists_the_three_sources(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["import", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for source, repo in (
+        ("pea", "PEA-Diffusion"),
+        ("gluegen", "salesforce/GlueGen"),
+        ("altclip", "FlagAI-Open/FlagAI"),
+    ):
+        assert any(line.split()[:1] == [source] and repo in line for line in out.splitlines()), source
