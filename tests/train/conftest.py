@@ -27,6 +27,16 @@ def make_rows(n: int = 12, *, images: bool = True, seed: int = 0) -> list[dict[s
     return rows
 
 
+#: A fixed 4-row parallel batch of the fidelity tests (each recomputes a preset's loss on it).
+FIXED_ZH = ["一只戴帽子的猫", "左边的红色圆形", "右边的蓝色正方形", "上面的绿色三角形"]
+FIXED_EN = [
+    "a cat wearing a hat",
+    "a red circle on the left",
+    "a blue square on the right",
+    "a green triangle at the top",
+]
+
+
 @pytest.fixture
 def recipe_rows() -> list[dict[str, Any]]:
     return make_rows(12)

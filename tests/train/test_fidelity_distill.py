@@ -8,18 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.train.conftest import FIXED_EN as EN
+from tests.train.conftest import FIXED_ZH as ZH
 from tests.train.conftest import tiny_config
 from xling.train.config import load_config
 from xling.train.data import Batch
 from xling.train.recipes import get_recipe
-
-ZH = ["一只戴帽子的猫", "左边的红色圆形", "右边的蓝色正方形", "上面的绿色三角形"]
-EN = [
-    "a cat wearing a hat",
-    "a red circle on the left",
-    "a blue square on the right",
-    "a green triangle at the top",
-]
 
 
 def _step(tmp_path, teacher, student, **overrides):

@@ -8,19 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.train.conftest import FIXED_EN as EN
+from tests.train.conftest import FIXED_ZH as ZH
 from tests.train.conftest import tiny_config
 from xling.train.config import load_config
 from xling.train.data import Batch
 from xling.train.noise import row_generators, sample_noise_and_timesteps
 from xling.train.recipes import get_recipe
-
-ZH = ["一只戴帽子的猫", "左边的红色圆形", "右边的蓝色正方形", "上面的绿色三角形"]
-EN = [
-    "a cat wearing a hat",
-    "a red circle on the left",
-    "a blue square on the right",
-    "a green triangle at the top",
-]
 
 
 def test_real_teacher_config_is_the_public_code():
