@@ -4,6 +4,7 @@ Importing this package needs only torch, safetensors and einops; the student enc
 ``[transformers]``, LoRA ``[peft]``, and attaching to a pipeline ``[diffusers]``.
 """
 
+from xling.adapters.card import ModelCardFacts, write_model_card
 from xling.adapters.config import (
     FORMAT_VERSION,
     HeadConfig,
@@ -15,6 +16,7 @@ from xling.adapters.config import (
 )
 from xling.adapters.encoder import Conditioning, LanguageEncoder, LanguageEncoderConfig, StudentHiddenStates
 from xling.adapters.head import AdapterHead, HeadOutput
+from xling.adapters.hub import HubAdapterNotFoundError, resolve_pretrained
 from xling.adapters.io import WeightFileError, WidthMismatchError, check_widths, load_head
 from xling.adapters.linear import LinearHead
 from xling.adapters.lora import apply_lora, default_lora_targets, unfreeze_last_layers
@@ -28,6 +30,7 @@ __all__ = [
     "Conditioning",
     "HeadConfig",
     "HeadOutput",
+    "HubAdapterNotFoundError",
     "LanguageEncoder",
     "LanguageEncoderConfig",
     "LinearHead",
@@ -37,6 +40,7 @@ __all__ = [
     "MLPAdapterConfig",
     "MixerTranslator",
     "MixerTranslatorConfig",
+    "ModelCardFacts",
     "StudentHiddenStates",
     "WeightFileError",
     "WidthMismatchError",
@@ -48,5 +52,7 @@ __all__ = [
     "default_lora_targets",
     "load_head",
     "pipeline_widths",
+    "resolve_pretrained",
     "unfreeze_last_layers",
+    "write_model_card",
 ]

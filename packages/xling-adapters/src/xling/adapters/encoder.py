@@ -36,9 +36,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from xling.adapters.card import ModelCardFacts, write_model_card
 from xling.adapters.config import FORMAT_VERSION, LoraHeadConfig
 from xling.adapters.head import AdapterHead, masked_mean
-from xling.adapters.io import check_model_folder, check_widths, load_head, record_weights
+from xling.adapters.io import (
+    WeightFileError,
+    check_model_folder,
+    check_widths,
+    load_head,
+    record_weights,
+)
 
 #: ``config.json`` ``format`` value of a saved language encoder directory.
 ENCODER_FORMAT = "xling-language-encoder"
@@ -493,6 +500,7 @@ class LanguageEncoder(nn.Module):
         *,
         include_student: bool = False,
         teacher: str | os.PathLike[str] | None = None,
+        card: ModelCardFacts | None = None,
     ) -> Path:
         """Write a self-contained adapter directory.
 
@@ -500,6 +508,8 @@ class LanguageEncoder(nn.Module):
 
             config.json        {"format": "xling-language-encoder", "format_version": 1, "layout": {...},
                                 "encoder": {...}, "teacher": {...}}
+            README.md          the Hub model card (xling.adapters.card): metadata, parts, recipe, usage
+            grid.png           the run's image grid the card shows, when ``card.grid`` names one
             head/              config.json + model.safetensors
             tokenizer/         the student's tokenizer (save_pretrained)
             student/           the student's weights (safetensors), when it was trained or include_student
@@ -518,6 +528,9 @@ class LanguageEncoder(nn.Module):
                 world's). Recorded as ``config.json["teacher"]`` with the head's family and widths, so
                 ``xling generate`` / ``xling eval`` default to it; ``None`` keeps :attr:`teacher` (the record
                 of a loaded adapter), if any.
+            card: what the model card adds to the folder's own record (recipe, config, evaluation, grid,
+                license, repo id; :class:`~xling.adapters.card.ModelCardFacts`); ``None``: a card of the folder's
+                record alone.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -575,20 +588,108 @@ class LanguageEncoder(nn.Module):
         if self.teacher is not None:
             payload["teacher"] = self.teacher
         (directory / "config.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        write_model_card(directory, card)
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        include_student: bool = False,
+        teacher: str | os.PathLike[str] | None = None,
+        card: ModelCardFacts | None = None,
+        license: str | None = None,
+    ) -> Any:
+        """Save the adapter (:meth:`save_pretrained`) into a temporary folder and upload it to ``repo_id``.
+
+        As transformers' ``push_to_hub``: the repo is created when missing (``private`` sets its visibility), a
+        ``revision`` branch is created from the default branch when missing, ``create_pr`` opens a pull request
+        instead of committing. The model card names ``repo_id`` in its usage snippet. Load it back with
+        ``LanguageEncoder.from_pretrained(repo_id)`` or ``attach(pipe, repo_id)``.
+
+        Args:
+            repo_id: ``"org/name"``.
+            commit_message: default ``"Upload xling adapter"``.
+            private: visibility of a repo this creates.
+            token: a Hub token with write access (``None``: the one ``huggingface_hub`` finds).
+            revision: the branch to commit to (default: the default branch).
+            create_pr: open a pull request with the upload.
+            include_student: upload a frozen (or a LoRA student's base) student too. Without it, a loader reads
+                the student from ``config.student_model``: a Hub id works anywhere, a local path only where it
+                exists (a warning says so).
+            teacher: as :meth:`save_pretrained`.
+            card: the model card's facts (recipe, config, evaluation, grid); ``repo_id`` and ``license`` are set
+                from the arguments.
+            license: the card's license (default ``"apache-2.0"`` for the toy teacher, ``"other"`` otherwise).
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo`` (a ``str`` subclass: the commit URL; ``.repo_url``,
+            ``.oid``, ``.pr_url``).
+
+        Raises:
+            ConnectionError: ``HF_HUB_OFFLINE`` is set (checked before anything is saved).
+        """
+        import tempfile
+        import warnings
+
+        from xling.adapters.hub import require_online, upload_adapter
+
+        require_online(repo_id)
+        if (
+            not include_student
+            and self.config.student_weights in ("frozen", "lora")
+            and looks_like_local_path(self.config.student_model)
+        ):
+            warnings.warn(
+                f"pushing {repo_id} without its student, which is the local folder {self.config.student_model}: "
+                "whoever loads the adapter needs that student (student_path=...); pass include_student=True "
+                "to upload it too",
+                stacklevel=2,
+            )
+        facts = dataclasses.replace(card or ModelCardFacts(), repo_id=repo_id)
+        if license is not None:
+            facts.license = license
+        with tempfile.TemporaryDirectory(prefix="xling-push-") as tmp:
+            self.save_pretrained(tmp, include_student=include_student, teacher=teacher, card=facts)
+            return upload_adapter(
+                tmp,
+                repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | os.PathLike[str],
+        name_or_path: str | os.PathLike[str],
         *,
         student_path: str | os.PathLike[str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         merged_lora: bool | None = None,
         verify_hashes: bool = True,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
     ) -> LanguageEncoder:
-        """Load a directory written by :meth:`save_pretrained` (in eval mode, nothing trainable).
+        """Load a directory written by :meth:`save_pretrained`, or a Hub repo holding one (in eval mode).
+
+        ``name_or_path`` is a local folder, or a Hub repo id (``"org/name"``, see :func:`looks_like_local_path`)
+        downloaded through ``huggingface_hub`` into its cache (:func:`xling.adapters.hub.resolve_pretrained`):
+        only the files this load reads (config, head, tokenizer and the student parts it uses, not a student
+        it does not need). ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` load the cached snapshot without a
+        request. The downloaded files go through the same checks as a local folder's.
 
         Every weight file the directory holds (head, student, LoRA, merged student) is compared with the
         SHA-256 its config records before any tensor is read, and only safetensors load (a base student read
@@ -610,14 +711,66 @@ class LanguageEncoder(nn.Module):
                 ``None`` picks peft when it is installed (older adapters have no merged copy and need peft).
             verify_hashes: require a recorded SHA-256 for every weight file and compare it; ``False`` loads a
                 hand-made folder that records none (each file is still checked to be readable safetensors).
+            revision: for a Hub id, the branch, tag or commit (default ``"main"``).
+            subfolder: the adapter's folder inside the repo (or inside the local folder).
+            cache_dir: for a Hub id, the cache to download into and read from (default ``HF_HUB_CACHE``).
+            token: for a Hub id, the token of a private or gated repo (``None``: the one ``huggingface_hub``
+                finds).
+            local_files_only: for a Hub id, read the cache only (as ``HF_HUB_OFFLINE=1`` does).
+            force_download: for a Hub id, download the files again (e.g. after a cached file was refused).
 
         Raises:
             FileNotFoundError: no ``config.json`` (naming ``DIR/adapter`` when ``DIR`` is a run folder), or a
                 local student folder that is not there (naming the path and ``student_path=``).
+            HubAdapterNotFoundError: (a ``FileNotFoundError``) a Hub id whose repo, revision or ``config.json``
+                does not exist, or that is not cached while downloads are off; the message names the repo id,
+                the revision and what to do.
             WeightFileError: a weight file has no recorded hash, does not match it, is truncated or is a
-                pickle (a ``ValueError``; the message names the file).
+                pickle (a ``ValueError``; the message names the file, and for a download how to fetch it again).
             ValueError: not an encoder directory, or a newer format.
         """
+        from xling.adapters.hub import is_hub_id, resolve_pretrained
+
+        hub = {
+            "revision": revision,
+            "subfolder": subfolder,
+            "cache_dir": cache_dir,
+            "token": token,
+            "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
+        directory = resolve_pretrained(
+            name_or_path, patterns=lambda payload: _download_patterns(payload, merged_lora), **hub
+        )
+        try:
+            return cls._from_folder(
+                directory,
+                student_path=student_path,
+                device=device,
+                dtype=dtype,
+                merged_lora=merged_lora,
+                verify_hashes=verify_hashes,
+            )
+        except WeightFileError as e:
+            if not is_hub_id(name_or_path):
+                raise
+            raise WeightFileError(
+                f"{e}. It is the cached download of the Hub repo {name_or_path!r} (revision "
+                f"{revision or 'main'!r}): load it with force_download=True to download it again"
+            ) from e
+
+    @classmethod
+    def _from_folder(
+        cls,
+        directory: Path,
+        *,
+        student_path: str | os.PathLike[str] | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        merged_lora: bool | None,
+        verify_hashes: bool,
+    ) -> LanguageEncoder:
+        """:meth:`from_pretrained` of a local folder (a Hub snapshot included)."""
         transformers = _require_transformers()
         directory = _resolve_adapter_dir(Path(directory))
         cfg_path = directory / "config.json"
@@ -650,21 +803,14 @@ class LanguageEncoder(nn.Module):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(directory / layout["tokenizer"]), trust_remote_code=False
         )
-        lora_dir = layout.get("student_lora")
-        merged_dir = layout.get("student_merged")
-        if merged_lora is None:
-            merged_lora = merged_dir is not None and importlib.util.find_spec("peft") is None
-        if lora_dir and merged_lora:
-            if not merged_dir:
+        student_dir, lora_dir, merged = _student_parts(layout, merged_lora)
+        if merged:
+            if not student_dir:
                 raise FileNotFoundError(
                     f"{directory} has no student_merged/ (saved by an older xling-adapters); load it with "
                     'peft installed: pip install "xling-adapters[peft]"'
                 )
-            student_dir: str | None = merged_dir
             config.student_weights = "unfrozen"
-            lora_dir = None
-        else:
-            student_dir = layout.get("student")
         # Every weight file this load reads is checked against its hash before any of them is read.
         for part in (student_dir, lora_dir):
             if part:
@@ -686,6 +832,35 @@ class LanguageEncoder(nn.Module):
         if dtype is not None:
             encoder = encoder.to(dtype=dtype)
         return encoder.to(device) if device is not None else encoder
+
+
+def _student_parts(layout: dict[str, Any], merged_lora: bool | None) -> tuple[str | None, str | None, bool]:
+    """``(student folder, LoRA folder, merged)``: the student parts of ``layout`` a load reads.
+
+    A LoRA adapter loads its merged copy when ``merged_lora`` (``None``: when peft is not installed and the copy
+    exists), else the base student (if held) and the LoRA folder; any other adapter its ``student/``, if any.
+    """
+    lora_dir = layout.get("student_lora")
+    merged_dir = layout.get("student_merged")
+    if merged_lora is None:
+        merged_lora = merged_dir is not None and importlib.util.find_spec("peft") is None
+    if lora_dir and merged_lora:
+        return merged_dir, None, True
+    return layout.get("student"), lora_dir, False
+
+
+def _download_patterns(payload: Any, merged_lora: bool | None) -> list[str]:
+    """The files of an adapter a load reads (globs relative to it), from its ``config.json`` ``payload``.
+
+    The parts the load does not read (a held base student while the merged copy loads, the README and grid) are
+    left out, so a Hub download fetches no more than the load needs.
+    """
+    layout = payload.get("layout") if isinstance(payload, dict) else None
+    if not isinstance(layout, dict):
+        return ["head/*", "tokenizer/*"]  # the load then reports the config's problem, naming it
+    student_dir, lora_dir, _ = _student_parts(layout, merged_lora)
+    parts = [layout.get("head") or "head", layout.get("tokenizer") or "tokenizer", student_dir, lora_dir]
+    return [f"{p}/*" for p in parts if p]
 
 
 def _base_student(

@@ -245,28 +245,65 @@ def load_state_into(
 
 
 def load_head(
-    directory: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str],
     *,
     device: torch.device | str | None = None,
     verify_hashes: bool = True,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
 ) -> AdapterHead:
     """Load any head saved with ``save_pretrained``, dispatching on its config's ``head_type``.
 
     Args:
-        directory: a directory with ``config.json`` + ``model.safetensors``.
+        name_or_path: a directory with ``config.json`` + ``model.safetensors``, or a Hub repo id holding one
+            (``subfolder="head"`` for the head of an encoder repo), downloaded as
+            :func:`xling.adapters.hub.resolve_pretrained` says; the download is checked like a local folder.
         device: where to put the loaded head (default CPU).
         verify_hashes: require the ``weights_sha256`` of ``config.json`` and compare the weights with it;
             ``False`` loads a hand-made folder that records none.
+        revision: for a Hub id, the branch, tag or commit (default ``"main"``).
+        subfolder: the head's folder inside the repo (or inside the local folder).
+        cache_dir: for a Hub id, the cache (default ``HF_HUB_CACHE``).
+        token: for a Hub id, the token of a private or gated repo.
+        local_files_only: for a Hub id, read the cache only (as ``HF_HUB_OFFLINE=1`` does).
+        force_download: for a Hub id, download the files again.
 
     Returns:
         An :class:`~xling.adapters.mlp.MLPAdapter`, :class:`~xling.adapters.mixer.MixerTranslator` or
         :class:`~xling.adapters.linear.LinearHead`, in eval mode.
+
+    Raises:
+        HubAdapterNotFoundError: a Hub id that cannot be found or is not cached while downloads are off.
+        WeightFileError: the weights do not match their recorded SHA-256 (or record none).
     """
     from xling.adapters.head import head_class
+    from xling.adapters.hub import is_hub_id, resolve_pretrained
 
+    directory = resolve_pretrained(
+        name_or_path,
+        patterns=[WEIGHTS_NAME],
+        revision=revision,
+        subfolder=subfolder,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
     config, file_info = read_head_config(directory)
     head = head_class(config.head_type)(config)
-    load_state_into(head, directory, file_info, verify_hashes=verify_hashes)
+    try:
+        load_state_into(head, directory, file_info, verify_hashes=verify_hashes)
+    except WeightFileError as e:
+        if not is_hub_id(name_or_path):
+            raise
+        raise WeightFileError(
+            f"{e}. It is the cached download of the Hub repo {name_or_path!r} (revision "
+            f"{revision or 'main'!r}): load it with force_download=True to download it again"
+        ) from e
     if device is not None:
         head = head.to(device)
     return head.eval()

@@ -211,12 +211,15 @@ def attach(
     Args:
         pipe: a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or a ControlNet /
             img2img / inpaint variant of them.
-        encoder: a :class:`~xling.adapters.encoder.LanguageEncoder`, or the path of a saved one (loaded with
-            ``LanguageEncoder.from_pretrained(path, device=pipe.device, **load_kwargs)``).
+        encoder: a :class:`~xling.adapters.encoder.LanguageEncoder`, the path of a saved one, or a Hub repo id
+            (``"org/name"``) holding one; loaded with
+            ``LanguageEncoder.from_pretrained(encoder, device=pipe.device, **load_kwargs)``.
         check: verify the head's widths against the UNet (``cross_attention_dim``, SDXL pooled width).
-        **load_kwargs: for a path, passed to ``LanguageEncoder.from_pretrained``: ``student_path=`` (where a
-            frozen or LoRA adapter's student lives now, when it moved), ``dtype=``, ``merged_lora=``,
-            ``verify_hashes=False`` (a hand-made adapter whose configs record no SHA-256 of its weights).
+        **load_kwargs: for a path or repo id, passed to ``LanguageEncoder.from_pretrained``: ``student_path=``
+            (where a frozen or LoRA adapter's student lives now, when it moved), ``dtype=``, ``merged_lora=``,
+            ``verify_hashes=False`` (a hand-made adapter whose configs record no SHA-256 of its weights), and for
+            a repo id ``revision=``, ``subfolder=``, ``cache_dir=``, ``token=``, ``local_files_only=``,
+            ``force_download=`` (``HF_HUB_OFFLINE=1`` loads the cached snapshot without a request).
 
     Returns:
         An :class:`XlingPipeline`: call it like the pipeline, with ``prompt`` in the student's language.
@@ -225,7 +228,8 @@ def attach(
         WidthMismatchError: the head's ``teacher_width`` or ``pooled_width`` does not fit the pipeline; the
             message names each width that differs.
         FileNotFoundError: ``encoder`` is a run folder (the message names its ``adapter/``), or the recorded
-            student folder is gone (the message names it and ``student_path=``).
+            student folder is gone (the message names it and ``student_path=``), or a repo id cannot be found or
+            is not cached while downloads are off (:class:`~xling.adapters.hub.HubAdapterNotFoundError`).
     """
     if isinstance(encoder, str | os.PathLike):
         load_kwargs.setdefault("device", getattr(pipe, "device", None))

@@ -19,6 +19,12 @@ Every process writes its RNG file into ``.tmp-checkpoint-{step}``; the main proc
 every file and renames the directory into place, so a crash, a full disk or a non-finite state at any moment
 leaves the previous checkpoints whole. A resume reads exactly the files the manifest lists and refuses a
 checkpoint with a file missing, unreadable or unlisted (accelerate's ``*.pkl`` / ``*.bin`` pickles included).
+
+Under FSDP (accelerate's FSDP2, ``fully_shard``) each process holds one shard of every trainable parameter and
+of its optimizer states (``DTensor``). Saving gathers them one tensor at a time (``full_tensor``, a collective
+every process joins) and only the main process keeps and writes the full tensors, so an FSDP checkpoint holds
+the same full, unsharded tensors as a single-process or DDP one; loading reads the full tensors on every process
+and keeps each process's own shard (no communication).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 #: Suffixes of pickle files (accelerate's ``custom_checkpoint_0.pkl``, ``random_states_0.pkl``, ``optimizer.bin``).
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
-#: Config keys a resume may change; it applies and records them. Every other key describes what the saved
+#: Config keys a resume may change; it applies and records them (``gradient_checkpointing`` trades memory for time
+#: and leaves every number the same). Every other key describes what the saved
 #: state means (lr and optimizer hyper-parameters, batch, data, models, recipe options, seed), so a resume
 #: that changes one is refused. ``eval.*`` is the end-of-run report only.
 RESUME_MAY_CHANGE = (
@@ -68,6 +75,7 @@ RESUME_MAY_CHANGE = (
     "overwrite",
     "output_dir",
     "data.num_workers",
+    "gradient_checkpointing",
     "eval.",
 )
 _MAY_CHANGE_TEXT = ", ".join(k.replace(".", ".*") if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
@@ -207,8 +215,8 @@ def rng_file(rank: int) -> str:
 
 def non_finite_tensors(parts: TrainingParts) -> tuple[list[str], int]:
     """Names of the trainable parameters and optimizer state tensors holding NaN/inf, and how many were checked."""
-    named = [(name, p.detach()) for name, p in parts.params.items()]
-    named += [(f"optimizer {key} of {name}", t) for name, key, t in parts.optimizer_tensors()]
+    named = [(name, _local(p.detach())) for name, p in parts.params.items()]
+    named += [(f"optimizer {key} of {name}", _local(t)) for name, key, t in parts.optimizer_tensors()]
     # One flag per tensor, moved together: a sync per tensor would stall a GPU for every one of them.
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, t) in enumerate(named):
@@ -297,12 +305,15 @@ def save_checkpoint(
             tmp.mkdir()
 
     def write() -> None:
+        # Every process joins the gathers of sharded (FSDP) tensors; only the main process gets them back.
+        params = gather_full({n: p.detach() for n, p in parts.params.items()}, main)
+        tensors, groups, other = _optimizer_state(parts)
+        tensors = gather_full(tensors, main)
         with disk_errors(tmp):
             _save_rng(tmp / rng_file(accelerator.process_index))
             if not main:
                 return
-            save_file(_cpu({n: p.detach() for n, p in parts.params.items()}), str(tmp / MODEL_FILE))
-            tensors, groups, other = _optimizer_state(parts)
+            save_file(_cpu(params), str(tmp / MODEL_FILE))
             save_file(_cpu(tensors), str(tmp / OPTIMIZER_TENSORS))
             _write_json(tmp / OPTIMIZER_JSON, {"param_groups": groups, "state": other})
             _write_json(tmp / SCHEDULER_FILE, parts.scheduler.state_dict())
@@ -457,6 +468,55 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no sharded tensors either
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard of a parameter or of its optimizer state)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor``: its shard for a ``DTensor``, else the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def gather_full(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """The full tensors of ``tensors`` (sharded ones all-gathered, one at a time, onto the CPU).
+
+    Every process must call it with the same keys in the same order when any tensor is sharded (each gather is a
+    collective); a process with ``keep=False`` joins the gathers and gets ``{}`` back, so only the one that writes
+    holds a full copy, and no device ever holds more than one full tensor at a time.
+
+    Args:
+        tensors: tensors by name, plain or ``DTensor``.
+        keep: return the full tensors (the main process), else ``{}``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        full = tensor.full_tensor().detach().cpu() if is_sharded(tensor) else tensor
+        if keep:
+            out[name] = full
+    return out
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: this process's shard of it (a ``DTensor`` on ``like``'s mesh and placements)
+    when ``like`` is sharded, else ``full`` itself. Every process holds ``full``, so no data moves between them."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=like.device_mesh.device_type, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def _write_json(path: Path, value: Any) -> None:
     # allow_nan=False: a NaN in a scheduler or optimizer number is a broken state, not something to save.
     path.write_text(json.dumps(value, indent=1, allow_nan=False))
@@ -497,7 +557,10 @@ def _load_params(path: Path, parts: TrainingParts) -> None:
                 raise CheckpointError(
                     f"{path}: {name} has shape {list(tensors[name].shape)}, this run's has {list(p.shape)}"
                 )
-            p.copy_(tensors[name])
+            if is_sharded(p):
+                p.to_local().copy_(shard_like(tensors[name], p).to_local())
+            else:
+                p.copy_(tensors[name])
 
 
 def _optimizer_state(parts: TrainingParts) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, dict]]:
@@ -542,6 +605,10 @@ def _load_optimizer(path: Path, parts: TrainingParts) -> None:
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             name, _, field = key.rpartition("/")
+            p = parts.params[name]
+            if is_sharded(p) and value.shape == p.shape and value.dim() > 0:
+                # AdamW's moments are sharded as their parameter; its scalar `step` stays a plain tensor.
+                value = shard_like(value, p)
             state.setdefault(index[name], {})[field] = value
         for name, values in saved.get("state", {}).items():
             state.setdefault(index[name], {}).update(values)

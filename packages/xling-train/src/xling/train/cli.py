@@ -31,6 +31,8 @@ COMMANDS: list[str] = [
     "xling.train.commands.eval",
     "xling.train.commands.bench",
     "xling.train.commands.importing",
+    "xling.train.commands.push",
+    "xling.train.commands.demo",
 ]
 
 #: The spellings of the global verbose flag, taken out of argv wherever they stand (see :func:`main`).

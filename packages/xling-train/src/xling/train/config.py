@@ -136,6 +136,13 @@ class RecipeConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = option(
         "no", "'no', 'fp16' or 'bf16': frozen modules run in this dtype, trainable ones stay fp32."
     )
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute the student encoder's layer activations in the backward instead of keeping them (transformers' "
+        "gradient checkpointing, non-reentrant): less activation memory for a student whose weights train "
+        "(unfrozen or LoRA) at about one more student forward per step; a frozen student has nothing to save "
+        "(logged, ignored). docs/scale.md.",
+    )
     lr: float = option(1e-4, "Peak learning rate.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
@@ -164,7 +171,8 @@ class RecipeConfig:
     resume: str | None = option(
         None,
         "'latest' or a checkpoint directory to continue from; it may change only max_steps, log_every, log_with, "
-        "validate_every, checkpoint_every, keep_checkpoints, data.num_workers and eval.* (other keys: an error).",
+        "validate_every, checkpoint_every, keep_checkpoints, data.num_workers, gradient_checkpointing and eval.* (other "
+        "keys: an error).",
     )
     overwrite: bool = option(
         False,

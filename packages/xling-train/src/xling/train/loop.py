@@ -17,15 +17,24 @@ Checkpoints are xling's own safetensors + JSON files (``xling.train.checkpoint``
 written only when every trainable parameter and optimizer state is finite; the final adapter is written into a
 temporary folder and renamed into place; the run folder is checked writable, locked and tagged with a run id before
 anything trains (``xling.train.rundir``).
+
+Scale-out (docs/scale.md): under ``accelerate launch`` with an FSDP config (FSDP2, ``fsdp_version: 2``) the step's
+registered modules (the student and its head) are sharded by ``fully_shard``, each transformer layer of the
+student its own unit unless the config names the classes; the frozen teacher, unregistered, stays whole on every
+process. The optimizer is built over the full parameters and handed to ``prepare`` with the step, which swaps in
+the shards; checkpoints and the final adapter gather full tensors onto the main process (same files as a
+single-process run). ``gradient_checkpointing`` turns on the Hugging Face student's activation checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ from xling.train.checkpoint import (
     disk_errors,
     fsync_dir,
     fsync_tree,
+    is_sharded,
     list_checkpoints,
     load_checkpoint,
     non_finite_tensors,
@@ -58,10 +68,14 @@ __all__ = [
     "RunResult",
     "build_lr_scheduler",
     "cast_frozen",
+    "enable_gradient_checkpointing",
     "frozen_dtype",
     "make_accelerator",
     "train",
+    "uses_fsdp",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -229,6 +243,162 @@ def frozen_dtype(accelerator: Any) -> torch.dtype:
     )
 
 
+def uses_fsdp(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards the model (accelerate's ``distributed_type`` is ``FSDP``)."""
+    # DistributedType is a str enum: its FSDP member equals "FSDP".
+    return getattr(accelerator, "distributed_type", None) == "FSDP"
+
+
+def _student_model(step_module: nn.Module) -> nn.Module | None:
+    """The Hugging Face student of the step (``step.encoder.student``: a ``PreTrainedModel`` or a peft model
+    around one), or ``None`` for a step without one."""
+    student = getattr(getattr(step_module, "encoder", None), "student", None)
+    return student if isinstance(student, nn.Module) else None
+
+
+def enable_gradient_checkpointing(step_module: nn.Module) -> bool:
+    """Turn on activation checkpointing in the step's Hugging Face student, if any of its weights train.
+
+    Each student layer then keeps only its input in the forward and recomputes its activations in the backward
+    (transformers' ``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``, with
+    ``use_reentrant=False``: the same gradients, the RNG replayed for dropout, and no need for inputs that
+    require grad, so a LoRA student with frozen embeddings works too). A frozen student has no
+    activations saved for a backward, so there is nothing to save: it is left as is and ``False`` returned.
+
+    Args:
+        step_module: the recipe's step (its ``encoder.student``).
+
+    Returns:
+        Whether checkpointing was turned on.
+
+    Raises:
+        ValueError: the step has no Hugging Face student, or its student cannot checkpoint (the message names
+            its class).
+    """
+    student = _student_model(step_module)
+    if student is None:
+        raise ValueError(
+            f"config key 'gradient_checkpointing' is true, but the {type(step_module).__name__} step has no "
+            "Hugging Face student encoder (step.encoder.student) to checkpoint"
+        )
+    if not any(p.requires_grad for p in student.parameters()):
+        return False
+    base = getattr(student, "get_base_model", lambda: student)()  # the transformers model under peft
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"config key 'gradient_checkpointing' is true, but the student {type(base).__name__} does not "
+            "support gradient checkpointing; set --gradient_checkpointing false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        # transformers 5.x's name; `gradient_checkpointing_enable` is its deprecated alias.
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+def _fsdp_wrap_hint(step_module: nn.Module, accelerator: Any) -> None:
+    """Let accelerate's transformer-based wrap policy find the student's layers.
+
+    The policy reads ``_no_split_modules`` of the module it wraps, here the step, which is no transformers model;
+    with no ``fsdp_transformer_layer_cls_to_wrap`` in the config, the step borrows its student's (``BertLayer``,
+    ``XLMRobertaLayer``, ``T5Block``, ...), so each student layer becomes its own FSDP unit whatever the student.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    student = _student_model(step_module)
+    if plugin is None or student is None or getattr(plugin, "transformer_cls_names_to_wrap", None):
+        return
+    names = getattr(student, "_no_split_modules", None)
+    if names and getattr(step_module, "_no_split_modules", None) is None:
+        step_module._no_split_modules = sorted(names)
+
+
+def _canonical(name: str) -> str:
+    # accelerate's activation-checkpoint wrapper and torch.compile insert these into parameter names; the
+    # checkpoint keeps the names of the plain step.
+    return name.replace("._checkpoint_wrapped_module", "").replace("_orig_mod.", "")
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _is_fsdp_hook(hook: Any) -> bool:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    return str(getattr(fn, "__module__", "") or "").startswith("torch.distributed.fsdp")
+
+
+def _plain_copy(module: nn.Module, full_of: dict[int, nn.Parameter], memo: dict[int, nn.Module]) -> nn.Module:
+    """A plain module tree like ``module`` with the full parameters ``full_of`` (by id of the shard), its own
+    classes (FSDP's ``FSDP<Class>`` wrappers dropped) and no FSDP hooks; everything else (buffers, configs,
+    tokenizers, the frozen teacher) shared with ``module``, nothing copied but the tree itself."""
+    if id(module) in memo:
+        return memo[id(module)]
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        # fully_shard makes `FSDP<Class>(FSDPModule, Class)`; the original class is the first plain one after it.
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    plain = cls.__new__(cls)
+    memo[id(module)] = plain
+    # torch's composable APIs (fully_shard) keep their state and registry in the module's __dict__ under
+    # "__composable_api_*" keys; the plain copy must not reach the sharded step through them.
+    state = {k: v for k, v in module.__dict__.items() if not k.startswith("__composable_api")}
+    state["_parameters"] = {
+        n: (full_of.get(id(p), p) if p is not None else None) for n, p in module._parameters.items()
+    }
+    state["_modules"] = {
+        n: (_plain_copy(c, full_of, memo) if c is not None else None) for n, c in module._modules.items()
+    }
+    for key in _HOOK_DICTS:
+        if key in state:
+            state[key] = type(state[key])((k, h) for k, h in state[key].items() if not _is_fsdp_hook(h))
+    plain.__dict__.update(state)
+    return plain
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, accelerator: Any) -> Iterator[nn.Module | None]:
+    """The step as one process would hold it, for writing it out: ``model`` itself, unless it is sharded (FSDP).
+
+    Under FSDP every process must enter it: each sharded parameter is gathered with a collective (one at a time,
+    onto the CPU). The main process gets a plain copy of the step's module tree holding the full parameters in
+    their training dtype (fp32 for trainable weights: the shards, not the mixed-precision all-gather), without
+    FSDP's classes and hooks, so ``TrainStep.save`` writes the same files as a single-process run and may
+    deep-copy the student (a LoRA student's merged copy); the other processes get ``None``. The sharded step
+    itself is left as it was.
+    """
+    if not uses_fsdp(accelerator):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # A forward without a backward (validation) leaves the root unit unsharded: reshard, so every parameter is
+    # its DTensor shard again, the one exact copy.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    main = accelerator.is_main_process
+    full_of: dict[int, nn.Parameter] = {}  # by id of the shard, so tied parameters stay tied
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None and is_sharded(p) and id(p) not in full_of:
+                    full = p.full_tensor().detach().cpu()
+                    if main:
+                        full_of[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
+    yield _plain_copy(model, full_of, {}) if main else None
+
+
 def _tracker_config(config: RecipeConfig) -> dict[str, Any]:
     # Trackers take scalars only.
     return {
@@ -316,7 +486,8 @@ def train(
         val_rows: validation rows (optional).
         accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``config``).
         on_step: called with ``(step, logs, step_module)`` on the main process after every update (and its
-            checkpoint); ``step_module`` is the unwrapped recipe step.
+            checkpoint); ``step_module`` is the unwrapped recipe step (under FSDP: sharded, its parameters
+            ``DTensor`` shards, so it cannot be saved from there).
         run: the output folder, claimed (``RunFolder.claim``) before the models were loaded; ``None``: claimed
             here, and released at the end.
 
@@ -332,12 +503,24 @@ def train(
     accelerator = accelerator or make_accelerator(config)
     device = accelerator.device
     half = frozen_dtype(accelerator)
+    fsdp = uses_fsdp(accelerator)
+    if fsdp and not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError(
+            "xling trains under FSDP2 only (torch's fully_shard): set fsdp_version: 2 in the accelerate config's "
+            "fsdp_config (configs/accelerate/fsdp_8gpu.yaml)"
+        )
 
     cast_frozen(step_module, half)
     step_module.to(device)
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"recipe {config.recipe!r} built a step with no trainable parameters")
+    if getattr(config, "gradient_checkpointing", False) and not enable_gradient_checkpointing(step_module):
+        logger.warning(
+            "gradient_checkpointing is on, but the student of recipe %r is frozen: it saves no activations for a "
+            "backward, so there is nothing to checkpoint (ignored)",
+            config.recipe,
+        )
 
     optimizer = torch.optim.AdamW(
         trainable,
@@ -361,7 +544,20 @@ def train(
         optimizer=optimizer,
         scheduler=lr_scheduler,  # stepped by hand once per update (a prepared scheduler steps once per process)
     )
+    if fsdp:
+        _fsdp_wrap_hint(step_module, accelerator)
+    # FSDP2: `prepare` shards the step in place and swaps the optimizer's parameters for their shards (so the
+    # optimizer is built before, over the full parameters, and handed over with the step in one call).
     model, optimizer = accelerator.prepare(step_module, optimizer)
+    if fsdp:
+        parts.params = {
+            _canonical(n): p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad
+        }
+        held = {id(p) for group in parts.optimizer.param_groups for p in group["params"]}
+        if held != {id(p) for p in parts.params.values()}:
+            raise RuntimeError(
+                "after FSDP's prepare the optimizer does not hold the step's sharded trainable parameters"
+            )
     parts.scaler = accelerator.scaler
     owned = run is None
     run = run or RunFolder.claim(config, accelerator)
@@ -561,15 +757,18 @@ def _train(
 
     check_finite("the adapter")
 
-    def save() -> None:
-        if accelerator.is_main_process:
-            files = save_atomically(accelerator.unwrap_model(model).save, output_dir, run.run_id)
-            result.adapter_dir = files.pop("adapter", None)
-            result.files.update(files)
-            with disk_errors(result.config_path):
-                result.config_path.write_text(dump_yaml(config))
+    with gathered(accelerator.unwrap_model(model), accelerator) as whole:
 
-    agree(accelerator, f"saving the adapter into {output_dir}", save)
+        def save() -> None:
+            if accelerator.is_main_process:
+                assert whole is not None  # the main process always gets the whole step
+                files = save_atomically(whole.save, output_dir, run.run_id)
+                result.adapter_dir = files.pop("adapter", None)
+                result.files.update(files)
+                with disk_errors(result.config_path):
+                    result.config_path.write_text(dump_yaml(config))
+
+        agree(accelerator, f"saving the adapter into {output_dir}", save)
     accelerator.end_training()
     if list_checkpoints(output_dir):
         result.files["last_checkpoint"] = list_checkpoints(output_dir)[-1]

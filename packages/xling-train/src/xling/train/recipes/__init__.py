@@ -165,5 +165,10 @@ def run_recipe(
                 rows=result.rows,
             )
         )
+        # The adapter's model card gets the report's evaluation tables and its grid image.
+        from xling.adapters import write_model_card
+        from xling.train.recipes.base import adapter_card
+
+        write_model_card(result.adapter_dir, adapter_card(cfg, result.output_dir))
     run.release()  # on an error, at exit (or by the next run of this process, which finds its own pid)
     return result

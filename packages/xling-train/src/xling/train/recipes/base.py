@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from xling.adapters import LanguageEncoder
+from xling.adapters import LanguageEncoder, ModelCardFacts
 from xling.core import Conditioning, Teacher
 from xling.train.config import RecipeConfig
 from xling.train.data import Batch
@@ -84,9 +85,87 @@ class TrainStep(nn.Module, Generic[ConfigT]):
         path = Path(output_dir) / "adapter"
         include = toy_student_variant(self.config.student) is not None
         self.encoder.save_pretrained(
-            path, include_student=include, teacher=teacher_record(self.config.teacher)
+            path,
+            include_student=include,
+            teacher=teacher_record(self.config.teacher),
+            card=adapter_card(self.config),
         )
         return {"adapter": path}
+
+
+#: Config keys of a run that say where and how it ran on its machine, not how the adapter was made: left out
+#: of the model card.
+_MACHINE_KEYS = ("output_dir", "resume", "overwrite")
+#: Sections of ``report.md`` the card leaves out: the examples (the card shows the grid itself) and the data
+#: accounting (it names the corpus files of the training machine).
+_NOT_IN_CARD = ("## Examples", "## Data")
+
+
+def _without_local_paths(value: Any) -> Any:
+    """``value`` with every absolute path replaced by ``<local>/NAME``: a folder of the training machine means
+    nothing to the card's readers (and is not theirs to see); its name still says what it was."""
+    if isinstance(value, Mapping):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and Path(value).expanduser().is_absolute():
+        return f"<local>/{Path(value).name}"
+    return value
+
+
+def _report_tables(report: str) -> str:
+    """The evaluation sections of a run's ``report.md`` (tables and notes), headings one level down."""
+    kept: list[str] = []
+    keep = False
+    for line in report.splitlines():
+        if line.startswith("# "):
+            continue
+        if line.startswith("## "):
+            keep = not line.startswith(_NOT_IN_CARD)
+            if keep:
+                kept.append("#" + line)
+            continue
+        if keep:
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def adapter_card(
+    config: RecipeConfig | Mapping[str, Any],
+    run_dir: str | Path | None = None,
+    *,
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> ModelCardFacts:
+    """What the model card of a run's adapter says about the run: recipe, config, evaluation and grid.
+
+    ``TrainStep.save`` passes it to ``save_pretrained`` (recipe and config); ``run_recipe`` writes the card again
+    with it once the report exists, and ``xling push`` builds it from a run folder.
+
+    Args:
+        config: the run's resolved config (or the mapping of its ``config.yaml``); the keys that only say where
+            it ran (``output_dir``, ``resume``, ``overwrite``) are left out, and absolute paths (a local teacher,
+            student or corpus) are shown as ``<local>/NAME``.
+        run_dir: the run folder; its ``report.md`` gives the evaluation tables and its ``grid.png`` the image
+            (either may be missing: the card then says it was not evaluated).
+        license: the card's license (``None``: the card's default for the teacher).
+        repo_id: the Hub repo the card is for (its usage snippet).
+    """
+    from xling.train.config import to_dict
+
+    data = dict(config) if isinstance(config, Mapping) else to_dict(config)
+    recipe = data.get("recipe") or None
+    shown = _without_local_paths({k: v for k, v in data.items() if k not in _MACHINE_KEYS})
+    evaluation = grid = None
+    if run_dir is not None:
+        report = Path(run_dir) / "report.md"
+        if report.is_file():
+            evaluation = _report_tables(report.read_text(encoding="utf-8")) or None
+        if (Path(run_dir) / "grid.png").is_file():
+            grid = Path(run_dir) / "grid.png"
+    return ModelCardFacts(
+        recipe=recipe, config=shown, evaluation=evaluation, grid=grid, license=license, repo_id=repo_id
+    )
 
 
 def load_teacher(config: RecipeConfig, *, device: torch.device | str, dtype: torch.dtype) -> Teacher:
