@@ -109,3 +109,15 @@ def test_bad_run_dirs_are_usage_errors(hub: FakeHub, tmp_path: Path, capsys) -> 
     assert main(["push", str(empty), "org/x"]) == 2
     assert "neither a run folder" in capsys.readouterr().err
     assert hub.requests == [] and hub.repos == {}
+
+
+def test_generate_takes_the_repo_id(run_dir: Path, hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not the user's cache
+    assert main(["push", str(run_dir), "org/gen"]) == 0
+    out = tmp_path / "images"
+    args = ["generate", "--adapter", "org/gen", ZH[0], "--seeds", "0", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert [p.name for p in out.glob("*.png")] == ["000-seed0.png"]
+    assert any((tmp_path / "cache").glob("models--org--gen/snapshots/*/config.json"))

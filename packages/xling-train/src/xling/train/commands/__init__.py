@@ -6,16 +6,27 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--adapter``, ``--teacher``, ``--student-path`` and ``--variant``: what runs a trained adapter."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_default: str | None = None) -> None:
+    """``--adapter``, ``--teacher``, ``--student-path`` and ``--variant``: what runs a trained adapter.
+
+    Args:
+        parser: the command's parser.
+        adapter_default: what ``--adapter`` stands for when it is not given (its help says so); ``None``: the
+            option is required.
+    """
+    default = f" (default: {adapter_default})" if adapter_default else ""
     parser.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory (xling train output)"
+        "--adapter",
+        required=adapter_default is None,
+        default=None,
+        metavar="DIR|REPO",
+        help=f"adapter folder (RUN/adapter of xling train) or Hub repo id{default}",
     )
     parser.add_argument(
         "--teacher",
         default=None,
-        metavar="PATH",
-        help="diffusers model directory or Hub id (default: the one the adapter records, else toy)",
+        metavar="T",
+        help="'toy', a diffusers model folder or Hub id (default: the one the adapter records, else toy)",
     )
     parser.add_argument(
         "--student-path",

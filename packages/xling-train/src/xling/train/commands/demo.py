@@ -16,6 +16,8 @@ import importlib.util
 import sys
 from typing import Any
 
+from xling.train.commands import add_model_arguments
+
 
 def register(subparsers: Any) -> None:
     """Add ``xling demo``."""
@@ -25,18 +27,7 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        metavar="DIR|REPO",
-        help="adapter folder or Hub repo id (default: the committed toy IAP adapter; 'toy' says the same)",
-    )
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        metavar="T",
-        help="'toy', a diffusers model folder or Hub id (default: the one the adapter records, else toy)",
-    )
+    add_model_arguments(parser, adapter_default="the committed toy IAP adapter; 'toy' says the same")
     parser.add_argument(
         "--port",
         type=_port,
@@ -50,15 +41,6 @@ def register(subparsers: Any) -> None:
         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network)",
     )
     parser.add_argument("--device", default="cpu", metavar="D", help="torch device (default: cpu)")
-    parser.add_argument(
-        "--student-path",
-        default=None,
-        metavar="DIR",
-        help="where the adapter's student lives now, when it moved (frozen and LoRA adapters)",
-    )
-    parser.add_argument(
-        "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
-    )
     parser.add_argument(
         "--threads",
         type=int,
