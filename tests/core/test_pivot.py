@@ -292,3 +292,35 @@ def test_fully_masked_student_row_gives_zero_output_and_zero_gradient(fused):
         assert torch.isfinite(grad).all()
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))
     assert q.grad[0].abs().sum() > 0
+
+
+def test_unfrozen_teacher_gets_no_gradient(teacher):
+    """Whatever the caller left trainable, the pivot loss reaches the student's embeddings only."""
+    unet = teacher.unet
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    inputs = unet_inputs(teacher)
+    try:
+        unet.requires_grad_(True)
+        embeds = _student_embeds(teacher, 2).requires_grad_(True)
+        with PivotTap(unet, fused=True) as tap:
+            tap.set_student(embeds)
+            unet(**inputs)  # grad mode on: the flow may build a graph, the pivot loss never reaches the UNet
+            torch.stack(tap.losses).sum().backward()
+        assert [name for name, p in unet.named_parameters() if p.grad is not None] == []
+        assert all(p.requires_grad for p in unet.parameters())
+        assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    finally:
+        for name, p in unet.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+
+
+def test_soft_teacher_mask_is_refused(sd1_teacher):
+    """An encoder_attention_mask that is no 0/1 key padding mask cannot be a ``mask1``: a clear error, not a
+    silent reinterpretation."""
+    inputs = unet_inputs(sd1_teacher)
+    soft = torch.full((2, 77), 0.99)  # diffusers makes it a bias of -100: neither attend (0) nor masked
+    with torch.no_grad(), PivotTap(sd1_teacher.unet) as tap:
+        tap.set_student(_student_embeds(sd1_teacher, 2))
+        with pytest.raises(ValueError, match=r"attn2: the teacher attention mask is a soft bias"):
+            sd1_teacher.unet(**inputs, encoder_attention_mask=soft)

@@ -224,6 +224,26 @@ def test_dispatch_picks_triton_here() -> None:
     assert type(loss.grad_fn).__name__ == "DualAttentionMSEFunctionBackward"
 
 
+@pytest.mark.parametrize("mse", [False, True])
+def test_teacher_mask_masks_branch_one_on_the_reference(mse: bool) -> None:
+    """``mask1`` (a padded teacher text, e.g. PixArt's T5 mask) masks branch 1; the Triton kernels take no
+    branch-1 mask, so the call runs on the reference and branch 2 is what the unmasked call gives."""
+    q, k1, v1, k2, v2 = make_inputs(2, 2, 16, 7, 6, 40, torch.float32, False)
+    mask1, mask2 = make_mask(2, 7, seed=3), make_mask(2, 6)
+    mask1[1] = False  # no teacher key at all: o1 = 0, never NaN
+    q.requires_grad_()
+    o1, second = (dual_attention_mse if mse else dual_attention)(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2)
+    assert o1.grad_fn is None and "DualAttention" not in type(second.grad_fn).__name__
+    attend = mask1[:1, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q[:1], k1[:1], v1[:1], attn_mask=attend)
+    torch.testing.assert_close(o1[:1], expected)
+    assert torch.equal(o1[1], torch.zeros_like(o1[1]))
+    _, o2 = dual_attention_reference(q, k1, v1, k2, v2, mask2=mask2)
+    torch.testing.assert_close(second, torch.nn.functional.mse_loss(o2.float(), o1.float()) if mse else o2)
+    with pytest.raises(ValueError, match=r"mask1 must have shape \[B, M1\] = \(2, 7\)"):
+        dual_attention(q, k1, v1, k2, v2, mask1=mask1[:, :6])
+
+
 _BAD = [
     ("q", lambda t: t[0][0], ValueError, "q must be 4-D"),
     ("k1", lambda t: t[1][:, :1], ValueError, "k1 shape"),

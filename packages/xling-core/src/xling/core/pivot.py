@@ -4,27 +4,53 @@ In every cross-attention layer of one UNet forward conditioned on the teacher's 
 ``Q`` is computed once from the image stream, then attended against the teacher's keys/values and against the
 student's keys/values ``K_zh = to_k(E_zh)``, ``V_zh = to_v(E_zh)`` made with the same frozen projections:
 
-    O_en = Attn(Q, K_en, V_en)   # flows on through to_out: the UNet runs exactly as stock
+    O_en = Attn(Q, K_en, V_en)   # the teacher branch over the text keys (a constant)
     O_zh = Attn(Q, K_zh, V_zh)   # to the loss; the only branch with a graph (to E_zh only)
 
-Because ``Q`` is a constant, no UNet backward pass is ever needed. The attention function is passed in, so a
-recipe can hand over the fused Triton kernel while core imports no other xling package.
+The tap composes with the processor each layer already has; what flows on through the UNet is always what
+that processor computes:
+
+- stock layer (diffusers ``AttnProcessor2_0`` / ``AttnProcessor``): the fast path. ``O_en`` from the
+  attention function is reused for the flow through ``to_out``, so a tapped layer costs one student K/V
+  projection and the student half of the dual attention on top of stock.
+- any other processor (an IP-Adapter processor that also attends to image-prompt tokens, a custom one): the
+  layer's own processor runs unchanged for the flow, and the pivot pair is computed beside it from the TEXT
+  part of ``encoder_hidden_states`` only (IP-Adapter tokens, given as a ``(text, ip_tokens)`` tuple or appended
+  behind ``num_tokens``, are left out). This costs a second ``to_q`` and teacher ``to_k``/``to_v`` projection
+  and a second teacher attention per layer (under ``no_grad``, no activations kept).
+
+Every path calls the attention function it was given, the teacher's key padding mask included (``mask1``).
+Gradients never reach the teacher's weights, frozen or not: the student's K/V are made with the projections'
+parameters excluded from autograd, so only ``E_zh`` gets a gradient. Because ``Q`` is a constant, no UNet
+backward pass is ever needed. The attention function is passed in, so a recipe can hand over the fused Triton
+kernel while core imports no other xling package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: ``attention_fn(q, k1, v1, k2, v2, *, mask2=None, scale=None) -> (o1, o2)`` or, fused, ``-> (o1, loss)``.
+#: ``attention_fn(q, k1, v1, k2, v2, *, mask1=None, mask2=None, scale=None) -> (o1, o2)`` or, fused,
+#: ``-> (o1, loss)``. ``mask1`` / ``mask2``: ``[B, M1]`` / ``[B, M2]`` bool key padding masks (True = attend).
 AttentionFn = Callable[..., tuple[Tensor, Tensor]]
 
+INFERENCE_MODE_MESSAGE = (
+    "PivotTap cannot build the student's graph under torch.inference_mode() (inference tensors cannot be saved "
+    "for backward); run the UNet under torch.no_grad() instead: the student branch keeps its graph by itself"
+)
 
-def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+
+def _masked_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, name: str = "mask2"
+) -> Tensor:
     """SDPA with a key padding mask ``[B, M]`` (True = attend) -> ``[B, H, N, d]``.
 
     A fully masked row has no key to attend to; softmax over an empty set is undefined (NaN on some SDPA
@@ -33,7 +59,7 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if mask.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"`mask2` must be [B, M2] = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}")
+        raise ValueError(f"`{name}` must be [B, M] = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}")
     mask = mask.to(device=q.device, dtype=torch.bool)
     has_key = mask.any(dim=1)  # [B]
     # Empty rows attend everywhere (finite forward and backward), then are zeroed: grad through 0 is 0.
@@ -49,27 +75,29 @@ def dual_attention_sdpa(
     k2: Tensor,
     v2: Tensor,
     *,
+    mask1: Tensor | None = None,
     mask2: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch dual attention: one query against two key/value sets.
 
-    ``o1 = softmax(q k1^T * s) v1`` (no grad), ``o2 = softmax(q k2^T * s + mask) v2`` (grad to q, k2, v2),
-    ``s = scale`` or ``1 / sqrt(d)``; the same computation as ``xling.kernels.dual_attention_reference``.
+    ``o1 = softmax(q k1^T * s + mask1) v1`` (no grad), ``o2 = softmax(q k2^T * s + mask2) v2`` (grad to q, k2,
+    v2), ``s = scale`` or ``1 / sqrt(d)``; the same computation as ``xling.kernels.dual_attention_reference``.
 
     Args:
         q: ``[B, H, N, d]`` queries.
         k1, v1: ``[B, H, M1, d]`` teacher keys/values.
         k2, v2: ``[B, H, M2, d]`` student keys/values.
-        mask2: ``[B, M2]`` bool key padding mask of the student (True = attend), or ``None``; a fully
-            masked row gives ``o2 = 0`` with zero gradient.
+        mask1: ``[B, M1]`` bool key padding mask of the teacher (True = attend), or ``None``.
+        mask2: ``[B, M2]`` bool key padding mask of the student (True = attend), or ``None``.
+            For either mask, a fully masked row gives that branch's output 0 (with zero gradient).
         scale: softmax scale; ``None`` = SDPA's default ``1 / sqrt(d)`` (what diffusers' ``AttnProcessor2_0`` uses).
 
     Returns:
         ``o1 [B, H, N, d]`` (a constant) and ``o2 [B, H, N, d]``.
     """
     with torch.no_grad():
-        o1 = F.scaled_dot_product_attention(q, k1, v1, scale=scale)
+        o1 = _masked_sdpa(q, k1, v1, mask1, scale, name="mask1")
     o2 = _masked_sdpa(q, k2, v2, mask2, scale)
     return o1, o2
 
@@ -81,6 +109,7 @@ def dual_attention_mse_sdpa(
     k2: Tensor,
     v2: Tensor,
     *,
+    mask1: Tensor | None = None,
     mask2: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -91,7 +120,7 @@ def dual_attention_mse_sdpa(
     Returns:
         ``o1 [B, H, N, d]`` (a constant) and the scalar fp32 loss (grad to q, k2, v2).
     """
-    o1, o2 = dual_attention_sdpa(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+    o1, o2 = dual_attention_sdpa(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=scale)
     return o1, (o1.float() - o2.float()).pow(2).mean()
 
 
@@ -112,94 +141,236 @@ def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-class PivotAttnProcessor:
-    """Cross-attention processor of :class:`PivotTap` (diffusers processor call convention).
+@functools.cache
+def _stock_processor_types() -> tuple[type, ...]:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    Without a student set it computes exactly what ``AttnProcessor2_0`` computes. With one, it runs the dual
-    attention and keeps ``O_en`` flowing through ``to_out``.
+    return (AttnProcessor, AttnProcessor2_0)
+
+
+def _is_stock(processor: Any) -> bool:
+    """Exactly diffusers' plain processors (a subclass may change the computation, so it is composed)."""
+    return type(processor) in _stock_processor_types()
+
+
+def _function_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}.{name}" if module else name
+
+
+def _takes_keyword(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` accepts ``keyword=...`` (by name or through ``**kwargs``); unknown signatures: assume yes."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == keyword and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
+
+
+def _call_signature(processor: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(processor.__call__)
+    except (TypeError, ValueError):
+        return None
+
+
+def _text_tokens(processor: Any, context: Tensor | tuple) -> Tensor:
+    """The text part of a cross-attention layer's ``encoder_hidden_states`` ``[B, M, D]``.
+
+    diffusers 0.42 hands IP-Adapter processors ``(text [B, M, D], [ip_tokens [B, T, D], ...])`` (the UNet's
+    ``encoder_hid_proj`` builds it), or, deprecated, one tensor with the first adapter's ``num_tokens[0]``
+    image tokens appended behind the text; the processor splits them the same way.
+    """
+    if isinstance(context, tuple):
+        return context[0]
+    num_tokens = getattr(processor, "num_tokens", None)
+    if num_tokens:
+        return context[:, : context.shape[1] - int(num_tokens[0])]
+    return context
+
+
+def _key_padding_mask(mask: Tensor, keys: int, layer: str) -> Tensor:
+    """A processor's prepared mask ``[B, H, Q, M]`` -> ``[B, M]`` bool key padding mask (True = attend).
+
+    diffusers turns the UNet's ``encoder_attention_mask`` into an additive bias (0 = attend, -10000 = not);
+    a bool mask (True = attend) is taken as is. A mask that varies over heads or queries, or a soft bias,
+    is no key padding mask and cannot be handed to a dual-attention function, so it is refused.
+    """
+    if mask.shape[-1] != keys:
+        raise ValueError(
+            f"{layer}: the teacher attention mask covers {mask.shape[-1]} keys, the text has {keys}"
+        )
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask == 0
+        if not bool((keep | (mask <= -1000.0)).all()):
+            raise ValueError(
+                f"{layer}: the teacher attention mask is a soft bias (values other than 0 and <= -1000), not a "
+                "key padding mask; PivotTap only takes encoder_attention_mask as a 0/1 key padding mask"
+            )
+    first = keep[:, :1, :1, :]  # [B, 1, 1, M]
+    if not torch.equal(keep, first.expand_as(keep)):
+        raise ValueError(
+            f"{layer}: the teacher attention mask varies over heads or queries; PivotTap takes "
+            "a key padding mask [B, M] only"
+        )
+    return first[:, 0, 0, :]
+
+
+@contextmanager
+def _outside_autograd(*modules: nn.Module | None) -> Iterator[None]:
+    """Take the modules' parameters out of autograd for the block, whatever their ``requires_grad``.
+
+    The module's own forward still runs, so a LoRA-wrapped or quantised projection computes what it always
+    does, and gradients still reach its input; only its weights record no graph.
+    """
+    params = [p for m in modules if isinstance(m, nn.Module) for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class PivotAttnProcessor(nn.Module):
+    """Cross-attention processor of :class:`PivotTap`: wraps the layer's own processor (diffusers call convention).
+
+    Without a student set it calls the wrapped processor and nothing else. With one it records the pivot pair
+    (``O_en`` over the text keys, ``O_zh``) and returns what the wrapped processor computes: reusing ``O_en``
+    for the flow when that processor is the stock one, calling it otherwise (see the module docstring).
+    A wrapped ``nn.Module`` processor (IP-Adapter) stays a submodule, so its weights still move with the UNet.
+
+    Args:
+        tap: the owning tap (student, attention function, records).
+        name: the layer's module name, for records and messages.
+        processor: the processor the layer had before the tap.
     """
 
-    def __init__(self, tap: PivotTap, name: str) -> None:
+    def __init__(self, tap: PivotTap, name: str, processor: Any) -> None:
+        super().__init__()
         self.tap = tap
         self.name = name
+        self.inner = processor
+        self.stock = _is_stock(processor)
+        # diffusers' Attention.forward keeps only the cross_attention_kwargs named in
+        # inspect.signature(processor.__call__); expose the wrapped processor's names so that its own arguments
+        # (IP-Adapter's `ip_adapter_masks`, `scale`) still reach it through the tap.
+        signature = _call_signature(processor)
+        if signature is not None:
+            call = functools.partial(type(self).__call__, self)
+            call.__signature__ = signature  # type: ignore[attr-defined]
+            self.__dict__["__call__"] = call
 
     def __call__(
         self,
         attn: Any,
         hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
+        encoder_hidden_states: Tensor | tuple | None = None,
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
         """Run one cross-attention layer; records ``(o_teacher, o_student)`` or the layer loss on the tap."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         student = self.tap._student
         if student is None or encoder_hidden_states is None:
-            out, query_dtype = self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
-        else:
-            out, query_dtype = self._dual(
-                attn, hidden_states, encoder_hidden_states, attention_mask, *student
-            )
+            return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name}: {INFERENCE_MODE_MESSAGE}")
+        if self.stock:
+            return self._fast(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *student)
+        out = self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+        with torch.no_grad():
+            image, _ = self._image_tokens(attn, hidden_states, temb)
+        context = _text_tokens(self.inner, encoder_hidden_states)
+        self._pivot(attn, image, context, attention_mask, *student)
+        return out
 
-        heads, head_dim = out.shape[1], out.shape[-1]
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query_dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def _inner(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Any,
+        attention_mask: Tensor | None,
+        temb: Tensor | None,
+        args: tuple,
+        kwargs: dict,
+    ) -> Tensor:
+        if args:
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+        # Attention.forward passes no temb; keep it out unless given, so processors without a temb slot work.
+        if temb is not None:
+            kwargs = {**kwargs, "temb": temb}
+        return self.inner(
+            attn,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
     @staticmethod
-    def _project(attn: Any, hidden_states: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q from the image stream, k/v from ``context``, each ``[B, H, *, d]`` (norms as ``AttnProcessor2_0``)."""
-        batch = hidden_states.shape[0]
-        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = _heads(attn.to_k(context), batch, attn.heads)
-        value = _heads(attn.to_v(context), batch, attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        return query, key, value
+    def _image_tokens(attn: Any, hidden_states: Tensor, temb: Tensor | None) -> tuple[Tensor, tuple | None]:
+        """Image stream as ``AttnProcessor2_0`` prepares it: ``[B, N, C]`` and the 4-D shape to restore, if any."""
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape = None
+        if hidden_states.ndim == 4:
+            shape = tuple(hidden_states.shape)
+            batch, channel, height, width = shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return hidden_states, shape
 
-    def _stock(
-        self, attn: Any, hidden_states: Tensor, context: Tensor | None, attention_mask: Tensor | None
-    ) -> tuple[Tensor, torch.dtype]:
-        query, key, value = self._project(attn, hidden_states, hidden_states if context is None else context)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
-        return out, query.dtype
-
-    def _dual(
+    def _fast(
         self,
         attn: Any,
         hidden_states: Tensor,
         context: Tensor,
         attention_mask: Tensor | None,
+        temb: Tensor | None,
+        student: Tensor,
+        student_mask: Tensor | None,
+    ) -> Tensor:
+        """Stock layer: ``O_en`` from the attention function is the flow (``AttnProcessor2_0``'s tail)."""
+        residual = hidden_states
+        image, shape = self._image_tokens(attn, hidden_states, temb)
+        o1, query_dtype = self._pivot(attn, image, context, attention_mask, student, student_mask)
+        batch, heads, _, head_dim = o1.shape
+        hidden_states = o1.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query_dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _pivot(
+        self,
+        attn: Any,
+        image: Tensor,
+        context: Tensor,
+        attention_mask: Tensor | None,
         student: Tensor,
         student_mask: Tensor | None,
     ) -> tuple[Tensor, torch.dtype]:
-        batch = hidden_states.shape[0]
+        """Dual attention of the image tokens ``[B, N, C]`` against the text ``[B, M1, D]`` and the student.
+
+        Records the pair (or the fused loss); returns ``o1 [B, H, N, d]`` (detached) and the query's dtype.
+        """
+        batch = image.shape[0]
         if student.shape[0] != batch:
             raise ValueError(
                 f"student prompt_embeds batch {student.shape[0]} does not match the UNet batch {batch} "
@@ -207,10 +378,26 @@ class PivotAttnProcessor:
             )
         # The teacher branch is a constant: Q, K_en, V_en never need a graph, whatever the caller's grad mode.
         with torch.no_grad():
-            query, key, value = self._project(attn, hidden_states, context)
+            query = _heads(attn.to_q(image), batch, attn.heads)
+            text = attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
+            key = _heads(attn.to_k(text), batch, attn.heads)
+            value = _heads(attn.to_v(text), batch, attn.heads)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            mask1 = None
+            if attention_mask is not None:
+                prepared = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+                prepared = prepared.view(batch, attn.heads, -1, prepared.shape[-1])
+                mask1 = _key_padding_mask(prepared, context.shape[1], self.name)
         # The student branch keeps its graph exactly when the student's embeddings carry one, so the caller may
-        # run the whole UNet under no_grad (recommended) and still get gradients to the student.
-        with torch.set_grad_enabled(student.requires_grad):
+        # run the whole UNet under no_grad (recommended) and still get gradients to the student; the teacher's
+        # projections record no graph even when the caller left them trainable.
+        with (
+            torch.set_grad_enabled(student.requires_grad),
+            _outside_autograd(attn.to_k, attn.to_v, attn.norm_cross, attn.norm_k),
+        ):
             context2 = student.to(dtype=context.dtype)
             if attn.norm_cross:
                 context2 = attn.norm_encoder_hidden_states(context2)
@@ -218,29 +405,24 @@ class PivotAttnProcessor:
             value2 = _heads(attn.to_v(context2), batch, attn.heads)
             if attn.norm_k is not None:
                 key2 = attn.norm_k(key2)
-            if attention_mask is None:
-                o1, second = self.tap.attention_fn(
-                    query, key, value, key2, value2, mask2=student_mask, scale=None
-                )
-            else:
-                # A teacher key mask is outside the dual-attention contract: run the two branches separately.
-                with torch.no_grad():
-                    o1 = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-                second = _masked_sdpa(query, key2, value2, student_mask, None)
-                if self.tap.fused:
-                    second = (o1.float() - second.float()).pow(2).mean()
+            o1, second = self.tap._attend(self.name, query, key, value, key2, value2, mask1, student_mask)
         o1 = o1.detach()
         self.tap._record(self.name, o1, second)
         return o1, query.dtype
 
 
 class PivotTap:
-    """Context manager that installs :class:`PivotAttnProcessor` on every cross-attention layer of a UNet.
+    """Context manager that wraps the processor of every cross-attention layer of a UNet in a
+    :class:`PivotAttnProcessor`.
 
-    Self-attention layers keep their processors; on exit every original processor is restored. Run the UNet
-    under ``torch.no_grad()``, not ``torch.inference_mode()``: the student branch saves ``Q`` for its backward,
-    and inference tensors cannot be saved. The tensors handed to ``attention_fn`` are strided views
-    (``[B, N, H, d]`` transposed to ``[B, H, N, d]``), as diffusers' own processors make them.
+    Self-attention layers keep their processors; on exit every original processor object is restored. The
+    UNet's output is always what its own processors compute (an IP-Adapter's contribution included); the pivot
+    pair is recorded beside it. Run the UNet under ``torch.no_grad()``, not ``torch.inference_mode()``: the
+    student branch saves ``Q`` for its backward and inference tensors cannot be saved, so a student under
+    inference mode is refused at once. The tensors handed to ``attention_fn`` are strided views
+    (``[B, N, H, d]`` transposed to ``[B, H, N, d]``), as diffusers' own processors make them. A teacher
+    ``encoder_attention_mask`` reaches ``attention_fn`` as ``mask1``; a function without a ``mask1`` keyword
+    works on unmasked calls and raises a ``TypeError`` naming it on the first masked one.
 
     Example::
 
@@ -252,12 +434,14 @@ class PivotTap:
 
     Args:
         unet: a diffusers UNet (anything with ``attn_processors`` / ``set_attn_processor``).
-        attention_fn: ``(q, k1, v1, k2, v2, *, mask2, scale) -> (o1, o2)``, or ``-> (o1, loss)`` when ``fused``;
-            ``None`` picks :func:`dual_attention_sdpa` / :func:`dual_attention_mse_sdpa`.
+        attention_fn: ``(q, k1, v1, k2, v2, *, mask1, mask2, scale) -> (o1, o2)``, or ``-> (o1, loss)`` when
+            ``fused`` (``mask1`` / ``mask2``: ``[B, M1]`` / ``[B, M2]`` bool, True = attend); ``None`` picks
+            :func:`dual_attention_sdpa` / :func:`dual_attention_mse_sdpa`.
         fused: ``attention_fn`` returns the layer loss instead of the student output.
 
     Attributes:
         layers: names of the tapped cross-attention modules, in module order.
+        takes_mask1: whether ``attention_fn`` accepts ``mask1`` (from its signature).
         pairs: ``[(o_teacher [B, H, N, d] detached, o_student [B, H, N, d]), ...]`` in call order (not fused).
         losses: ``[scalar fp32, ...]`` in call order (fused).
         recorded_layers: the layer name of each recorded entry.
@@ -273,6 +457,7 @@ class PivotTap:
         self.attention_fn: AttentionFn = attention_fn or (
             dual_attention_mse_sdpa if fused else dual_attention_sdpa
         )
+        self.takes_mask1 = _takes_keyword(self.attention_fn, "mask1")
         self.layers = cross_attention_layers(unet)
         if not self.layers:
             raise ValueError(f"{type(unet).__name__} has no cross-attention layers to tap")
@@ -296,13 +481,13 @@ class PivotTap:
         return self._originals is not None
 
     def install(self) -> PivotTap:
-        """Swap in the pivot processors (``set_attn_processor`` with a full dict); returns ``self``."""
+        """Wrap every cross-attention processor (``set_attn_processor`` with a full dict); returns ``self``."""
         if self.installed:
             raise RuntimeError("PivotTap is already installed")
         originals = dict(self.unet.attn_processors)
         tapped = {f"{name}.processor" for name in self.layers}
         processors = {
-            key: PivotAttnProcessor(self, key.removesuffix(".processor")) if key in tapped else proc
+            key: PivotAttnProcessor(self, key.removesuffix(".processor"), proc) if key in tapped else proc
             for key, proc in originals.items()
         }
         self.unet.set_attn_processor(processors)
@@ -334,7 +519,10 @@ class PivotTap:
         Raises:
             TypeError: not tensors.
             ValueError: wrong rank, width or mask shape; the message names both shapes.
+            RuntimeError: called under ``torch.inference_mode()`` (the student could get no graph).
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(INFERENCE_MODE_MESSAGE)
         if not isinstance(prompt_embeds, Tensor):
             raise TypeError(f"`prompt_embeds` must be a Tensor, got {type(prompt_embeds).__name__}")
         if prompt_embeds.ndim != 3:
@@ -365,6 +553,28 @@ class PivotTap:
     def clear(self) -> None:
         """Drop recorded pairs / losses (frees the student graphs they hold)."""
         self.pairs, self.losses, self.recorded_layers = [], [], []
+
+    def _attend(
+        self,
+        layer: str,
+        q: Tensor,
+        k1: Tensor,
+        v1: Tensor,
+        k2: Tensor,
+        v2: Tensor,
+        mask1: Tensor | None,
+        mask2: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Call ``attention_fn``; ``mask1`` is passed whenever the function takes it, and required when set."""
+        if not self.takes_mask1:
+            if mask1 is not None:
+                raise TypeError(
+                    f"{layer}: the UNet was given an encoder_attention_mask, but attention_fn "
+                    f"{_function_name(self.attention_fn)} takes no `mask1` (the teacher's [B, M1] key padding "
+                    "mask); pass one that does, e.g. xling.core.dual_attention_sdpa / dual_attention_mse_sdpa"
+                )
+            return self.attention_fn(q, k1, v1, k2, v2, mask2=mask2, scale=None)
+        return self.attention_fn(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=None)
 
     def _record(self, name: str, o1: Tensor, second: Tensor) -> None:
         self.recorded_layers.append(name)

@@ -1,6 +1,8 @@
 """Dispatch: the Triton kernels when they can run (a CUDA tensor, or `TRITON_INTERPRET=1`), else the reference.
 
 Both paths share one signature, one validation and one rule for fully masked rows (`o2 = 0`, zero gradient).
+A branch-1 mask (`mask1`: a teacher whose text keys are padded, e.g. PixArt's T5 mask) runs on the reference: the
+Triton kernels take no branch-1 mask.
 
 Under `TRITON_INTERPRET=1` bf16 inputs are upcast to fp32 for the kernels and the outputs cast back to bf16:
 the CPU interpreter emulates Triton with numpy, which has no bfloat16, and its `tl.dot` on bf16 tiles returns
@@ -65,6 +67,7 @@ def dual_attention(
     k2: torch.Tensor,
     v2: torch.Tensor,
     *,
+    mask1: torch.Tensor | None = None,
     mask2: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +83,8 @@ def dual_attention(
         v1: Values of branch 1 `[B, H, M1, d]`.
         k2: Keys of branch 2 `[B, H, M2, d]`.
         v2: Values of branch 2 `[B, H, M2, d]`.
+        mask1: Optional key-padding mask of branch 1 `[B, M1]`, bool, True = attend (a fully masked row gives
+            `o1 = 0`); given, the call runs on the reference (the Triton kernels take no branch-1 mask).
         mask2: Optional key-padding mask of branch 2 `[B, M2]`, bool, True = attend. A batch element whose
             mask is all False gets `o2 = 0` and zero gradient (never NaN).
         scale: Softmax scale, default `1 / sqrt(d)`.
@@ -91,13 +96,13 @@ def dual_attention(
         TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
-    if use_triton(q):
+    if mask1 is None and use_triton(q):
         upcast, (q, k1, v1, k2, v2) = _upcast_bf16(q, k1, v1, k2, v2)
         o1, o2 = dual_attention_triton(q, k1, v1, k2, v2, mask2, scale)
         if upcast:
             return o1.to(torch.bfloat16), o2.to(torch.bfloat16)
         return o1, o2
-    return dual_attention_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+    return dual_attention_reference(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=scale)
 
 
 def dual_attention_mse(
@@ -107,6 +112,7 @@ def dual_attention_mse(
     k2: torch.Tensor,
     v2: torch.Tensor,
     *,
+    mask1: torch.Tensor | None = None,
     mask2: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +127,8 @@ def dual_attention_mse(
         v1: Values of branch 1 `[B, H, M1, d]`.
         k2: Keys of branch 2 `[B, H, M2, d]`.
         v2: Values of branch 2 `[B, H, M2, d]`.
+        mask1: Optional key-padding mask of branch 1 `[B, M1]`, bool, True = attend; given, the call runs on the
+            reference (the Triton kernels take no branch-1 mask).
         mask2: Optional key-padding mask `[B, M2]`, bool, True = attend (fully masked rows: `o2 = 0`).
         scale: Softmax scale, default `1 / sqrt(d)`.
 
@@ -131,9 +139,9 @@ def dual_attention_mse(
         TypeError: Non-tensor input, mixed or unsupported dtypes, or a non-bool mask.
         ValueError: Mismatched shapes or devices, or (Triton path) a head dim above 256.
     """
-    if use_triton(q):
+    if mask1 is None and use_triton(q):
         upcast, (q, k1, v1, k2, v2) = _upcast_bf16(q, k1, v1, k2, v2)
         o1, loss = dual_attention_mse_triton(q, k1, v1, k2, v2, mask2, scale)
         # The loss is fp32 for every input dtype; only o1 goes back to the caller's bf16.
         return (o1.to(torch.bfloat16) if upcast else o1), loss
-    return dual_attention_mse_reference(q, k1, v1, k2, v2, mask2=mask2, scale=scale)
+    return dual_attention_mse_reference(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=scale)
