@@ -16,7 +16,6 @@ shows it and ``huggingface_hub.ModelCard.load(folder / "README.md")`` reads it b
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -69,17 +68,11 @@ class ModelCardFacts:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no {path.name} at {path}: not an adapter folder written by save_pretrained"
-        ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    from xling.adapters.io import read_json_object
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} at {path}: not an adapter folder written by save_pretrained")
+    return read_json_object(path)
 
 
 def teacher_is_hub_id(teacher: str | None) -> bool:

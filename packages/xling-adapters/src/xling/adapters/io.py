@@ -161,6 +161,21 @@ def save_head(head: AdapterHead, directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object ``path`` holds (a ``config.json``).
+
+    Raises:
+        ValueError: not valid UTF-8 JSON, or not an object; the message names the file.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_head_config(directory: str | os.PathLike[str]) -> tuple[HeadConfig, dict[str, Any]]:
     """Read and validate ``directory/config.json``.
 
@@ -175,12 +190,7 @@ def read_head_config(directory: str | os.PathLike[str]) -> tuple[HeadConfig, dic
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no head config at {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     version = data.get("format_version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

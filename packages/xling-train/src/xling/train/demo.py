@@ -275,15 +275,11 @@ def read_adapter_facts(directory: str | os.PathLike[str]) -> AdapterFacts:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    from xling.adapters.io import read_json_object
+
     if not path.is_file():
         raise FileNotFoundError(f"no adapter config at {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def _metrics_rows(directory: Path) -> list[tuple[str, str]]:
