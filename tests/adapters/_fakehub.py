@@ -30,6 +30,11 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
+def repo(name: str) -> str:
+    """The id of a repo on the fake Hub (``org/<name>``); no test names a repo of the real Hub."""
+    return f"org/{name}"
+
+
 def blob_oid(content: bytes) -> str:
     """The git blob sha1 of ``content`` (what the Hub reports as a regular file's oid and ETag)."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()

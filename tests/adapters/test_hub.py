@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants
 
-from tests.adapters._fakehub import FakeHub, point_hub_at
+from tests.adapters._fakehub import FakeHub, point_hub_at, repo
 from xling.adapters import (
     HubAdapterNotFoundError,
     LanguageEncoder,
@@ -75,7 +75,7 @@ def test_push_then_load_by_repo_id_gives_the_same_embeddings(hub, pushed, tmp_pa
     )
     files = set(hub.files("org/name"))
     assert {"config.json", "README.md", "head/model.safetensors", "student/model.safetensors"} <= files
-    loaded = LanguageEncoder.from_pretrained("org/name", cache_dir=tmp_path / "cache")
+    loaded = LanguageEncoder.from_pretrained(repo("name"), cache_dir=tmp_path / "cache")
     # the snapshot huggingface_hub laid out, under the cache given
     assert loaded.source.is_relative_to((tmp_path / "cache").resolve())
     assert loaded.source.parent.name == "snapshots" or loaded.source.parent.parent.name == "snapshots"
@@ -94,10 +94,10 @@ def test_only_the_parts_a_load_reads_are_downloaded(hub, tiny_bert_path, tmp_pat
     assert {"student/", "student_lora/", "student_merged/"} <= {
         p.split("/")[0] + "/" for p in hub.files("org/lora")
     }
-    merged = LanguageEncoder.from_pretrained("org/lora", cache_dir=tmp_path / "c1", merged_lora=True)
+    merged = LanguageEncoder.from_pretrained(repo("lora"), cache_dir=tmp_path / "c1", merged_lora=True)
     got = {p.relative_to(merged.source).parts[0] for p in merged.source.rglob("*") if p.is_file()}
     assert got == {"config.json", "head", "tokenizer", "student_merged"}  # no base student, no LoRA, no card
-    peft = LanguageEncoder.from_pretrained("org/lora", cache_dir=tmp_path / "c2", merged_lora=False)
+    peft = LanguageEncoder.from_pretrained(repo("lora"), cache_dir=tmp_path / "c2", merged_lora=False)
     got = {p.relative_to(peft.source).parts[0] for p in peft.source.rglob("*") if p.is_file()}
     assert got == {"config.json", "head", "tokenizer", "student", "student_lora"}
     assert torch.allclose(_embeds(merged), _embeds(lora), atol=1e-5)
@@ -110,9 +110,9 @@ def test_revision_and_subfolder(hub, pushed, tiny_bert_path, tmp_path):
     other.push_to_hub("org/name", include_student=True, revision="v2")
     assert hub.repos["org/name"].refs["main"] == first.oid  # the branch took the commit, not main
     cache = tmp_path / "cache"
-    on_v2 = LanguageEncoder.from_pretrained("org/name", revision="v2", cache_dir=cache)
-    on_main = LanguageEncoder.from_pretrained("org/name", cache_dir=cache)
-    by_sha = LanguageEncoder.from_pretrained("org/name", revision=first.oid, cache_dir=cache)
+    on_v2 = LanguageEncoder.from_pretrained(repo("name"), revision="v2", cache_dir=cache)
+    on_main = LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache)
+    by_sha = LanguageEncoder.from_pretrained(repo("name"), revision=first.oid, cache_dir=cache)
     assert torch.equal(_embeds(on_v2), _embeds(other)) and not torch.equal(_embeds(on_v2), _embeds(encoder))
     assert torch.equal(_embeds(on_main), _embeds(encoder)) and torch.equal(_embeds(by_sha), _embeds(encoder))
 
@@ -121,10 +121,10 @@ def test_revision_and_subfolder(hub, pushed, tiny_bert_path, tmp_path):
     api = HfApi()
     api.create_repo("org/many")
     api.upload_folder(repo_id="org/many", folder_path=folder, path_in_repo="adapters/zh")
-    nested = LanguageEncoder.from_pretrained("org/many", subfolder="adapters/zh", cache_dir=cache)
+    nested = LanguageEncoder.from_pretrained(repo("many"), subfolder="adapters/zh", cache_dir=cache)
     assert nested.source.as_posix().endswith("adapters/zh") and torch.equal(_embeds(nested), _embeds(other))
     with pytest.raises(HubAdapterNotFoundError, match=r"org/many.*has no config\.json.*subfolder="):
-        LanguageEncoder.from_pretrained("org/many", cache_dir=cache)
+        LanguageEncoder.from_pretrained(repo("many"), cache_dir=cache)
 
     # load_head takes the same arguments: the head of the encoder repo
     head = load_head("org/name", subfolder="head", cache_dir=cache)
@@ -146,18 +146,18 @@ def test_attach_by_repo_id_runs_the_pipeline(hub, pushed, tiny_sd1_path, tmp_pat
 def test_offline_with_the_cache_filled_makes_no_request(hub, pushed, tmp_path, monkeypatch):
     encoder, _ = pushed
     cache = tmp_path / "cache"
-    LanguageEncoder.from_pretrained("org/name", cache_dir=cache)
+    LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache)
     assert _hub_requests(hub)
     hub.requests.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at call time, as the environment variable
-    offline = LanguageEncoder.from_pretrained("org/name", cache_dir=cache)
+    offline = LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache)
     assert _hub_requests(hub) == [] and torch.equal(_embeds(offline), _embeds(encoder))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    cached = LanguageEncoder.from_pretrained("org/name", cache_dir=cache, local_files_only=True)
+    cached = LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache, local_files_only=True)
     assert _hub_requests(hub) == [] and torch.equal(_embeds(cached), _embeds(encoder))
     with pytest.raises(ValueError, match=r"force_download=True needs the network.*local_files_only=True"):
         LanguageEncoder.from_pretrained(
-            "org/name", cache_dir=cache, local_files_only=True, force_download=True
+            repo("name"), cache_dir=cache, local_files_only=True, force_download=True
         )
 
 
@@ -166,7 +166,7 @@ def test_offline_with_an_empty_cache_is_a_clear_error(hub, pushed, tmp_path, mon
     with pytest.raises(
         HubAdapterNotFoundError, match=r"'org/name' \(revision 'main'\).*local_files_only=True"
     ):
-        LanguageEncoder.from_pretrained("org/name", cache_dir=tmp_path / "empty", local_files_only=True)
+        LanguageEncoder.from_pretrained(repo("name"), cache_dir=tmp_path / "empty", local_files_only=True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         HubAdapterNotFoundError, match=r"'org/name' \(revision 'v3'\).*unset HF_HUB_OFFLINE"
@@ -178,9 +178,9 @@ def test_offline_with_an_empty_cache_is_a_clear_error(hub, pushed, tmp_path, mon
 
 def test_unknown_repo_and_revision_are_clear_errors(hub, pushed, tmp_path):
     with pytest.raises(HubAdapterNotFoundError, match=r"'org/missing' \(revision 'main'\).*token="):
-        LanguageEncoder.from_pretrained("org/missing", cache_dir=tmp_path)
+        LanguageEncoder.from_pretrained(repo("missing"), cache_dir=tmp_path)
     with pytest.raises(HubAdapterNotFoundError, match=r"'org/name'.*has no revision 'nope'"):
-        LanguageEncoder.from_pretrained("org/name", revision="nope", cache_dir=tmp_path)
+        LanguageEncoder.from_pretrained(repo("name"), revision="nope", cache_dir=tmp_path)
     with pytest.raises(HubAdapterNotFoundError, match=r"'org/missing'"):
         load_head("org/missing", cache_dir=tmp_path)
 
@@ -189,7 +189,7 @@ def test_unknown_repo_and_revision_are_clear_errors(hub, pushed, tmp_path):
 def test_a_tampered_cached_blob_is_refused(hub, pushed, tmp_path, weight_file):
     encoder, _ = pushed
     cache = tmp_path / "cache"
-    snapshot = LanguageEncoder.from_pretrained("org/name", cache_dir=cache).source
+    snapshot = LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache).source
     link = snapshot / weight_file
     blob = Path(os.path.realpath(link))
     assert blob != link and blob.parent.name == "blobs"  # the snapshot file is a link to the blob
@@ -198,8 +198,8 @@ def test_a_tampered_cached_blob_is_refused(hub, pushed, tmp_path, weight_file):
     os.chmod(blob, 0o644)
     blob.write_bytes(bytes(data))
     with pytest.raises(WeightFileError, match=rf"{weight_file} does not match.*force_download=True"):
-        LanguageEncoder.from_pretrained("org/name", cache_dir=cache)
-    fresh = LanguageEncoder.from_pretrained("org/name", cache_dir=cache, force_download=True)
+        LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache)
+    fresh = LanguageEncoder.from_pretrained(repo("name"), cache_dir=cache, force_download=True)
     assert torch.equal(_embeds(fresh), _embeds(encoder))
 
 
@@ -208,16 +208,18 @@ def test_push_without_a_local_student_warns(hub, tiny_bert_path, tmp_path):
     with pytest.warns(UserWarning, match="without its student.*include_student=True"):
         encoder.push_to_hub("org/frozen")
     assert not any(p.startswith("student/") for p in hub.files("org/frozen"))
-    loaded = LanguageEncoder.from_pretrained("org/frozen", cache_dir=tmp_path)  # the student still lies here
+    loaded = LanguageEncoder.from_pretrained(
+        repo("frozen"), cache_dir=tmp_path
+    )  # the student still lies here
     assert torch.equal(_embeds(loaded), _embeds(encoder))
 
 
 def test_push_to_a_pull_request(hub, pushed, tiny_bert_path, tmp_path):
     other = _encoder(tiny_bert_path, seed=2)
     info = other.push_to_hub("org/name", include_student=True, create_pr=True, commit_message="zh v2")
-    repo = hub.repos["org/name"]
-    assert info.pr_url and repo.refs["refs/pr/1"] == info.oid != repo.refs["main"]
-    proposed = LanguageEncoder.from_pretrained("org/name", revision="refs/pr/1", cache_dir=tmp_path)
+    refs = hub.repos["org/name"].refs
+    assert info.pr_url and refs["refs/pr/1"] == info.oid != refs["main"]
+    proposed = LanguageEncoder.from_pretrained(repo("name"), revision="refs/pr/1", cache_dir=tmp_path)
     assert torch.equal(_embeds(proposed), _embeds(other))
 
 
@@ -265,7 +267,7 @@ def test_the_card_metadata_and_body(tiny_bert_path, tmp_path, teacher, base_mode
     if teacher == "toy":
         assert "from_pretrained(teacher_path())" in body
     else:
-        assert 'DiffusionPipeline.from_pretrained("org/sd-teacher")' in body
+        assert f'DiffusionPipeline.from_pretrained("{teacher}")' in body
 
 
 def test_the_card_without_run_facts_and_with_a_license(tiny_bert_path, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from tests.adapters._fakehub import FakeHub, point_hub_at
+from tests.adapters._fakehub import FakeHub, point_hub_at, repo
 from tests.train.conftest import tiny_config
 from xling.adapters import LanguageEncoder
 from xling.train.cli import main
@@ -78,7 +78,7 @@ def test_push_a_run_folder_then_load_the_repo(run_dir: Path, hub: FakeHub, tmp_p
     assert (
         'attach(pipe, "org/run")' in card.text and "### Alignment" in card.text and "recipe: iap" in card.text
     )
-    loaded = LanguageEncoder.from_pretrained("org/run", cache_dir=tmp_path / "cache")
+    loaded = LanguageEncoder.from_pretrained(repo("run"), cache_dir=tmp_path / "cache")
     local = LanguageEncoder.from_pretrained(run_dir / "adapter")
     assert torch.equal(_embeds(loaded), _embeds(local))
 
@@ -86,11 +86,10 @@ def test_push_a_run_folder_then_load_the_repo(run_dir: Path, hub: FakeHub, tmp_p
 def test_push_the_adapter_folder_with_options(run_dir: Path, hub: FakeHub, tmp_path: Path) -> None:
     args = ["push", str(run_dir / "adapter"), "org/run", "--license", "mit", "--revision", "v1"]
     assert main([*args, "--commit-message", "first zh adapter"]) == 0
-    repo = hub.repos["org/run"]
-    assert set(repo.refs) == {"main", "v1"} and hub.files("org/run", "main") == {}
+    assert set(hub.repos["org/run"].refs) == {"main", "v1"} and hub.files("org/run", "main") == {}
     card = ModelCard(hub.files("org/run", "v1")["README.md"].decode())
     assert card.data.license == "mit" and "recipe: iap" in card.text  # the run's card, from inside the run
-    loaded = LanguageEncoder.from_pretrained("org/run", revision="v1", cache_dir=tmp_path / "cache")
+    loaded = LanguageEncoder.from_pretrained(repo("run"), revision="v1", cache_dir=tmp_path / "cache")
     assert json.loads(hub.files("org/run", "v1")["config.json"])["layout"]["student"] == "student"
     assert torch.equal(_embeds(loaded), _embeds(LanguageEncoder.from_pretrained(run_dir / "adapter")))
 
