@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from xling.core import Teacher
+from xling.core.pivot import cross_attention_layers
 
 
 def unet_inputs(teacher: Teacher, batch: int = 2, seed: int = 0) -> dict:
@@ -22,3 +24,16 @@ def unet_inputs(teacher: Teacher, batch: int = 2, seed: int = 0) -> dict:
     if extra is not None:
         inputs["added_cond_kwargs"] = extra
     return inputs
+
+
+def capture_attn2_inputs(unet: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    """Forward pre-hooks recording the image-stream input of every cross-attention layer (remove the handles)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in cross_attention_layers(unet):
+
+        def hook(module, args, kwargs, name=name):
+            seen[name] = args[0] if args else kwargs["hidden_states"]
+
+        handles.append(unet.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.core._helpers import unet_inputs
+from tests.core._helpers import capture_attn2_inputs, unet_inputs
 from xling.core import PivotTap, Teacher, cross_attention_layers, dual_attention_mse_sdpa, dual_attention_sdpa
 
 FAMILIES = ["sd1_pipe", "sd2_pipe", "sdxl_pipe"]
@@ -67,19 +67,6 @@ def test_stock_output_unchanged_and_processors_restored(teacher):
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
-def _capture_attn2_inputs(unet: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
-    """Forward pre-hooks recording the image-stream input of every attn2 during a stock run."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in _attn2_names(unet):
-
-        def hook(module, args, kwargs, name=name):
-            seen[name] = args[0] if args else kwargs["hidden_states"]
-
-        handles.append(unet.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
-    return seen, handles
-
-
 def _by_hand(attn, hidden: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One layer's attention from its own projections and SDPA: ``[B, H, N, d]``."""
     b, h = hidden.shape[0], attn.heads
@@ -95,7 +82,7 @@ def test_pairs_equal_hand_computed_reference(teacher):
     student = _student_embeds(teacher, 2)
     mask = torch.ones(2, student.shape[1], dtype=torch.bool)
     mask[1, 4:] = False  # the second prompt is shorter: its padding must not be attended
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         unet(**inputs)
     for handle in handles:
@@ -128,7 +115,7 @@ def test_teacher_key_mask_path(sd1_teacher):
     en_mask[:, 10:] = 0
     inputs["encoder_attention_mask"] = en_mask
     student = _student_embeds(sd1_teacher, 2)
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         stock = unet(**inputs).sample
     for handle in handles:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
-from torch import nn
 
-from tests.core._helpers import unet_inputs
+from tests.core._helpers import capture_attn2_inputs, unet_inputs
 from xling.core import PivotTap, cross_attention_layers, dual_attention_mse_sdpa, dual_attention_sdpa
 
 IMAGE_EMBED_DIM = 12
@@ -57,19 +56,6 @@ def _student(width: int, batch: int = 2, length: int = 6, seed: int = 1) -> torc
     return torch.randn(batch, length, width, generator=torch.Generator().manual_seed(seed))
 
 
-def _capture_attn2_inputs(unet: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
-    """Forward pre-hooks recording the image-stream input of every cross-attention layer."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in cross_attention_layers(unet):
-
-        def hook(module, args, kwargs, name=name):
-            seen[name] = args[0] if args else kwargs["hidden_states"]
-
-        handles.append(unet.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
-    return seen, handles
-
-
 def _reference(attn, hidden: torch.Tensor, context: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """One layer's attention from scratch: its own projections, an explicit softmax; ``[B, H, N, d]``."""
     b, h = hidden.shape[0], attn.heads
@@ -103,7 +89,7 @@ def test_ip_adapter_output_kept_and_pair_over_text_keys(tiny_sd1_path, sd1_teach
     student = _student(unet.config.cross_attention_dim)
     before = dict(unet.attn_processors)
     assert sum(isinstance(p, IPAdapterAttnProcessor2_0) for p in before.values()) == 4
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         stock = unet(**inputs).sample
     for handle in handles:
@@ -171,7 +157,7 @@ def test_ip_adapter_concatenated_tokens(tiny_sd1_path, sd1_teacher):
     text = inputs["encoder_hidden_states"]
     inputs["encoder_hidden_states"] = torch.cat([text, torch.randn(2, IP_TOKENS, dim, generator=g)], dim=1)
     student = _student(dim)
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         stock = unet(**inputs).sample
     for handle in handles:
@@ -201,7 +187,7 @@ def test_custom_processor_composed(tiny_sd1_path, sd1_teacher):
     )
     inputs = unet_inputs(sd1_teacher)
     student = _student(unet.config.cross_attention_dim)
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         stock = unet(**inputs).sample
     for handle in handles:
@@ -245,7 +231,7 @@ def test_teacher_mask_goes_to_attention_fn(tiny_sd1_path, sd1_teacher, ip):
         calls.append((mask1, mask2))
         return dual_attention_sdpa(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=scale)
 
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         stock = unet(**inputs).sample
     for handle in handles:
@@ -369,7 +355,7 @@ def test_lora_wrapped_projections_run_but_get_no_gradient(tiny_sd1_path, sd1_tea
     assert lora
     inputs = unet_inputs(sd1_teacher)
     student = _student(unet.config.cross_attention_dim).requires_grad_(True)
-    seen, handles = _capture_attn2_inputs(unet)
+    seen, handles = capture_attn2_inputs(unet)
     with torch.no_grad():
         unet(**inputs)
     for handle in handles:
