@@ -50,3 +50,43 @@ def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_xlmr_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny XLM-R-like student encoder directory (hidden 40, Unigram tokenizer)."""
     return _tiny.build_xlmr_student(tmp_path_factory.mktemp("tiny-xlmr"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``PixArtAlphaPipeline`` directory (T5 width 32 = caption_channels, inner dim 24, learned sigma)."""
+    from tests import _families
+
+    return _families.build_pixart(tmp_path_factory.mktemp("tiny-pixart"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_sigma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``PixArtSigmaPipeline`` directory (as :func:`tiny_pixart_path`, 300-token prompts)."""
+    from tests import _families
+
+    return _families.build_pixart(tmp_path_factory.mktemp("tiny-pixart-sigma"), sigma=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``SanaPipeline`` directory (Gemma2 width 16, inner dim 8, AutoencoderDC, flow DPM-Solver)."""
+    from tests import _families
+
+    return _families.build_sana(tmp_path_factory.mktemp("tiny-sana"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``StableDiffusion3Pipeline`` directory (CLIP 16 + 20 padded to T5 48, pooled 32)."""
+    from tests import _families
+
+    return _families.build_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``FluxPipeline`` directory (T5 40 = joint_attention_dim, CLIP pooled 20, guidance embeds)."""
+    from tests import _families
+
+    return _families.build_flux(tmp_path_factory.mktemp("tiny-flux"))

@@ -19,10 +19,17 @@ thread, peak above the RSS before the steps, with glibc's mmap threshold pinned 
 (``mallopt``) so freed tensors go back to the OS and RSS follows live memory; tracemalloc does not
 see torch's allocations.
 
+``--family pixart|sana|sd3|flux`` times the same two steps on a random transformer of that family
+(``benchmarks/train/_families.py``; ``--size cpu`` or the released widths at reduced depth, ``--size full``):
+pivot = ``PivotTap`` after the frozen caption projection (PixArt, Sana) or the teacher-forced joint-attention
+``JointPivotTap`` (SD3, Flux); naive = a second full transformer pass on the student's conditioning,
+back-propagated, MSE on every tapped layer's image-token attention output.
+
 Usage::
 
     uv run python benchmarks/train/bench_iap_step.py --config toy             # CPU, the toy teacher
     python benchmarks/train/bench_iap_step.py --config sd15 --device cuda     # SD1.5 UNet, fp16, random
+    uv run python benchmarks/train/bench_iap_step.py --family sd3             # CPU, a small random SD3
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _families as families
 
 # The SD 1.5 UNet layout (runwayml/stable-diffusion-v1-5 unet/config.json), random weights.
 SD15_UNET = {
@@ -181,6 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=["toy", "sd15", "tiny"], default="toy")
     parser.add_argument(
+        "--family",
+        choices=["pixart", "sana", "sd3", "flux"],
+        help="a random transformer teacher of this family instead of a UNet (--config is then ignored)",
+    )
+    parser.add_argument(
+        "--size", choices=["cpu", "full"], default="cpu", help="--family: small, or the released widths"
+    )
+    parser.add_argument(
         "--teacher", help="a diffusers model dir whose unet/ to load (overrides --config's UNet)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from xling.core import PivotTap, dual_attention_mse_sdpa
+    from xling.core import JointPivotTap, PivotTap, caption_context_module, dual_attention_mse_sdpa
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -214,26 +232,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pinned = False if cuda else pin_glibc_mmap_threshold()
 
     torch.manual_seed(args.seed)
-    unet = build_unet(args.config, args.teacher).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    family = args.family
+    unet = build_unet(args.config, args.teacher) if family is None else families.build(family, args.size)
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     cfg = unet.config
-    latent = int(cfg.sample_size)
-    student = build_student(
-        args.config, args.student_width, args.student_layers, int(cfg.cross_attention_dim)
-    )
+    if family is None:
+        latent, channels, pooled_width = int(cfg.sample_size), int(cfg.in_channels), None
+        width = int(cfg.cross_attention_dim)
+        teacher_len = 77
+    else:
+        latent, channels = families.LATENT[args.size], families.latent_channels(family, unet)
+        width, pooled_width = families.widths(family, unet)
+        teacher_len = families.TEXT[family]
+    student = build_student("tiny" if family else args.config, args.student_width, args.student_layers, width)
     student = student.to(device)  # fp32 trainable
     vocab, positions = student.bert.config.vocab_size, student.bert.config.max_position_embeddings
     text_len = args.text_len or min(77, positions)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     g = torch.Generator().manual_seed(args.seed)
-    z_t = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(device, dtype)  # [B, C, h, w]
+    z_t = torch.randn(batch, channels, latent, latent, generator=g).to(device, dtype)  # [B, C, h, w]
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    e_en = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)  # [B, 77, D]
+    e_en = torch.randn(batch, teacher_len, width, generator=g).to(device, dtype)  # [B, L_en, D]
+    # PixArt / Sana attend with the T5 / Gemma padding mask; SD3 / Flux condition on a pooled vector too
+    en_mask = torch.ones(batch, teacher_len, dtype=torch.long, device=device)
+    pooled = None if pooled_width is None else torch.randn(batch, pooled_width, generator=g).to(device, dtype)
     ids = torch.randint(vocab // 20, vocab, (batch, text_len), generator=g).to(device)  # [B, L], no specials
     lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=g)
     mask = (torch.arange(text_len)[None] < lengths[:, None]).to(device)  # [B, L] True = token
 
-    if args.attention == "kernel":
+    joint = family in ("sd3", "flux")
+    if joint:
+        from xling.kernels import joint_dual_attention_mse, joint_dual_attention_mse_reference
+
+        attention_fn = (
+            joint_dual_attention_mse if args.attention == "kernel" else joint_dual_attention_mse_reference
+        )
+    elif args.attention == "kernel":
         from xling.kernels import dual_attention_mse as attention_fn
     else:
         attention_fn = dual_attention_mse_sdpa
@@ -243,14 +278,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with autocast:
             return student(ids, mask.long()).to(dtype)  # [B, L, D]
 
-    tap = PivotTap(unet, attention_fn=attention_fn, fused=True)
+    if joint:
+        tap = JointPivotTap(unet, attention_fn=attention_fn, fused=True)
+    elif family is not None:
+        tap = PivotTap(
+            unet,
+            attention_fn=attention_fn,
+            fused=True,
+            context_module=caption_context_module(unet),
+            conditioning_dim=width,
+        )
+    else:
+        tap = PivotTap(unet, attention_fn=attention_fn, fused=True)
+
+    def denoise(embeds: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        if family is None:
+            return unet(z_t, t, encoder_hidden_states=embeds, encoder_attention_mask=key_mask)
+        return families.call(family, unet, z_t, t, embeds, pooled, key_mask)
 
     def pivot_step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with tap:
             tap.set_student(student_embeds(), mask)
             with torch.no_grad():
-                unet(z_t, t, encoder_hidden_states=e_en)
+                denoise(e_en, en_mask if family in ("pixart", "sana") else None)
             loss = torch.stack(tap.losses).sum()
             tap.clear()
         loss.backward()
@@ -258,20 +309,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return float(loss.detach())
 
     captured: list[torch.Tensor] = []
-    hooks = [
-        module.to_out[0].register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
-        for name, module in unet.named_modules()
-        if name.endswith("attn2")
-    ]
+    if family is None:
+        hooks = [
+            module.to_out[0].register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+            for name, module in unet.named_modules()
+            if name.endswith("attn2")
+        ]
+    else:
+        hooks = families.capture_image_outputs(family, unet, captured)
+    tapped_layers = len(tap.layers)
 
     def naive_step() -> float:
         optimizer.zero_grad(set_to_none=True)
         captured.clear()
         with torch.no_grad():
-            unet(z_t, t, encoder_hidden_states=e_en)
+            denoise(e_en, en_mask if family in ("pixart", "sana") else None)
         teacher_out = list(captured)
         captured.clear()
-        unet(z_t, t, encoder_hidden_states=student_embeds(), encoder_attention_mask=mask)
+        denoise(student_embeds(), mask)
         loss = sum(torch.mean((o_t.float() - o_s.float()) ** 2) for o_t, o_s in zip(teacher_out, captured))
         captured.clear()
         loss.backward()
@@ -333,10 +388,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device)
         if cuda
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "config": args.config if args.teacher is None else f"unet from {args.teacher}",
+        "config": (f"{family} ({args.size})" if family else args.config)
+        if args.teacher is None
+        else f"unet from {args.teacher}",
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 1),
-        "cross_attention_layers": len(hooks),
+        "cross_attention_layers": tapped_layers,
         "batch": batch,
         "latent": f"{cfg.in_channels}x{latent}x{latent}",
         "dtype": str(dtype).removeprefix("torch."),
@@ -366,8 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown(info: dict[str, Any]) -> str:
     """The results as a Markdown table with the setup above it."""
     lines = [
-        f"{info['device']} | {info['config']} | UNet {info['unet_params_m']}M params, {info['cross_attention_layers']} "
-        f"cross-attn layers, {info['dtype']} | student {info['student_params_m']}M | batch {info['batch']}, latent "
+        f"{info['device']} | {info['config']} | denoiser {info['unet_params_m']}M params, "
+        f"{info['cross_attention_layers']} tapped attention layers, {info['dtype']} | student {info['student_params_m']}M | batch {info['batch']}, latent "
         f"{info['latent']} | attention: {info['attention']} | memory: {info['memory']} | torch {info['torch']} | "
         f"{info['iters']} interleaved timed rounds after {info['warmup']} warm-up steps",
         "",

@@ -149,7 +149,9 @@ def test_bad_inputs_name_argument_and_shapes():
         head([[0.0] * 8])
     with pytest.raises(ValueError, match="pooled_width"):
         MLPAdapterConfig(teacher_family="sdxl", pooled_width=None)
-    with pytest.raises(ValueError, match="teacher_family"):
+    with pytest.raises(ValueError, match=r"teacher_family. must be one of"):
+        LinearHeadConfig(teacher_family="kandinsky")
+    with pytest.raises(ValueError, match=r"pooled_width. is required when .teacher_family. is 'sd3'"):
         LinearHeadConfig(teacher_family="sd3")
     with pytest.raises(ValueError, match="student_width"):
         LinearHeadConfig(student_width=0)

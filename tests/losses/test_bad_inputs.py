@@ -142,7 +142,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("dn timesteps dtype", lambda: _denoise(timesteps=torch.tensor([0.0, 1.0])), TypeError,
      "denoising: timesteps must be integer indices into alphas_cumprod, got dtype torch.float32"),
     ("dn type", lambda: _denoise(prediction_type="x0"), ValueError,
-     "denoising: prediction_type must be one of ('epsilon', 'v_prediction', 'sample'), got 'x0'"),
+     "denoising: prediction_type must be one of ('epsilon', 'v_prediction', 'sample', 'flow'), got 'x0'"),
     ("dn gamma", lambda: _denoise(snr_gamma=0.0), ValueError, "min_snr_weights: snr_gamma must be > 0, got 0.0"),
     ("dn alphas", lambda: _denoise(alphas_cumprod=ALPHAS[None]), ValueError,
      "denoising: alphas_cumprod must be [T], got shape (1, 10)"),

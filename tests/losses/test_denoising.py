@@ -110,3 +110,42 @@ def test_gradcheck_denoising() -> None:
                 ),
                 (pred, noise, sample),
             )  # fmt: skip
+
+
+def test_flow_target_is_the_velocity_and_needs_no_schedule() -> None:
+    torch.manual_seed(0)
+    noise, sample = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    t = torch.tensor([0, 500, 999])
+    target = denoising_target(
+        noise=noise, sample=sample, timesteps=t, alphas_cumprod=None, prediction_type="flow"
+    )
+    torch.testing.assert_close(target, noise - sample)
+    # x_t = (1 - s) x0 + s eps moves along the target: d x_t / d s = eps - x0
+    sigma = 0.3
+    step = ((1 - sigma - 1e-3) * sample + (sigma + 1e-3) * noise) - ((1 - sigma) * sample + sigma * noise)
+    torch.testing.assert_close(step / 1e-3, target, atol=1e-3, rtol=1e-3)
+    pred = (noise - sample).requires_grad_(True)
+    loss = denoising(
+        pred, noise=noise, sample=sample, timesteps=t, alphas_cumprod=None, prediction_type="flow"
+    )
+    assert float(loss) == 0.0
+    shifted = denoising(
+        pred + 1.0, noise=noise, sample=sample, timesteps=t, alphas_cumprod=None, prediction_type="flow"
+    )
+    assert float(shifted) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="Min-SNR"):
+        denoising(
+            pred,
+            noise=noise,
+            sample=sample,
+            timesteps=t,
+            alphas_cumprod=None,
+            prediction_type="flow",
+            snr_gamma=5.0,
+        )
+    with pytest.raises(ValueError, match="needs alphas_cumprod"):
+        denoising(
+            pred, noise=noise, sample=sample, timesteps=t, alphas_cumprod=None, prediction_type="epsilon"
+        )
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        min_snr_weights(torch.ones(3), 5.0, "flow")

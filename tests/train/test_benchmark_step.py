@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train" / "bench_iap_step.py"
 
 
@@ -36,3 +38,18 @@ def test_bench_iap_step_runs_on_tiny_teacher(tiny_sd1_path: Path, tmp_path: Path
     for result in methods.values():
         assert result["samples_per_s"] > 0 and result["loss"] > 0
     assert info["speedup"] > 0 and "| pivot |" in bench.markdown(info)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sana", "sd3", "flux"])
+def test_bench_iap_step_runs_on_each_transformer_family(family: str) -> None:
+    bench = _load()
+    argv = ["--family", family, "--device", "cpu", "--batch-size", "1", "--text-len", "8"]
+    argv += ["--student-width", "32", "--student-layers", "1", "--iters", "1", "--warmup", "0"]
+    argv += ["--attention", "reference"]
+    info = bench.main(argv)
+    methods = {r["method"]: r for r in info["results"]}
+    assert set(methods) == {"pivot", "naive"} and info["config"] == f"{family} (cpu)"
+    # every attn2 (PixArt, Sana: 4 blocks) or every joint block (SD3: 4; Flux: 2 double + 2 single)
+    assert info["cross_attention_layers"] == 4
+    for result in methods.values():
+        assert result["samples_per_s"] > 0 and result["loss"] > 0

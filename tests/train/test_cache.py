@@ -118,10 +118,16 @@ def test_text_cache_hit_extend_invalidation_corruption_and_dataset(tmp_path: Pat
     # Another tokenizer (or text encoder) is another key.
     sd1.tokenizers[0].model_max_length = 64
     try:
-        assert TextEmbeddingCache.load_or_build(folder, captions, sd1).status == "rebuilt: tokenizers changed"
+        assert (
+            TextEmbeddingCache.load_or_build(folder, captions, sd1).status
+            == "rebuilt: encoding, tokenizers changed"
+        )
     finally:
         sd1.tokenizers[0].model_max_length = 77
-    assert TextEmbeddingCache.load_or_build(folder, captions, sd1).status == "rebuilt: tokenizers changed"
+    assert (
+        TextEmbeddingCache.load_or_build(folder, captions, sd1).status
+        == "rebuilt: encoding, tokenizers changed"
+    )
 
     latents = LatentCache.load_or_build(tmp_path / "lat", corpus, sd1)
     text = TextEmbeddingCache.load_or_build(folder, captions, sd1)
@@ -153,3 +159,24 @@ def test_fingerprints_follow_weights_and_tokenizer(sd1: Teacher) -> None:
     assert module_fingerprint(copy.deepcopy(sd1.vae)) == before
     assert module_fingerprint(copy.deepcopy(sd1.vae).to(torch.float16)) != before
     assert tokenizer_fingerprint(sd1.tokenizers[0]) == tokenizer_fingerprint(sd1.tokenizers[0])
+
+
+def test_text_cache_keeps_the_mask_of_a_pixart_teacher(tmp_path: Path, tiny_pixart_path: Path) -> None:
+    from xling.train.data.batch import collate_rows
+
+    teacher = Teacher.from_pretrained(tiny_pixart_path)
+    captions = ["a cat", "a red circle on the left"]
+    cache = TextEmbeddingCache.load_or_build(tmp_path / "pixart", captions, teacher)
+    assert cache.has_mask and not cache.has_pooled
+    out = cache.lookup(captions)
+    reference = teacher.encode(captions)
+    assert torch.equal(out["prompt_attention_mask"].long(), reference.attention_mask.long())
+    torch.testing.assert_close(out["prompt_embeds"], reference.prompt_embeds)
+    # the rows' batch carries it to the recipes, which condition PixArt with it
+    batch = collate_rows([(i, {"en": c, "zh": "", **cache[c]}) for i, c in enumerate(captions)])
+    assert torch.equal(batch.extra["prompt_attention_mask"].long(), reference.attention_mask.long())
+    # another token length is another encoding: the cache is rebuilt, not reused
+    longer = Teacher.from_pretrained(tiny_pixart_path, max_sequence_length=64)
+    assert TextEmbeddingCache.load_or_build(tmp_path / "pixart", captions, longer).status.startswith(
+        "rebuilt"
+    )

@@ -22,9 +22,18 @@ from xling.adapters.linear import LinearHead
 from xling.adapters.lora import apply_lora, default_lora_targets, unfreeze_last_layers
 from xling.adapters.mixer import MixerTranslator
 from xling.adapters.mlp import MLPAdapter
-from xling.adapters.pipeline import XlingPipeline, attach, pipeline_widths
+from xling.adapters.pipeline import (
+    FAMILIES,
+    PipelineFamily,
+    XlingPipeline,
+    attach,
+    check_pipeline_widths,
+    pipeline_family,
+    pipeline_widths,
+)
 
 __all__ = [
+    "FAMILIES",
     "FORMAT_VERSION",
     "AdapterHead",
     "Conditioning",
@@ -41,16 +50,19 @@ __all__ = [
     "MixerTranslator",
     "MixerTranslatorConfig",
     "ModelCardFacts",
+    "PipelineFamily",
     "StudentHiddenStates",
     "WeightFileError",
     "WidthMismatchError",
     "XlingPipeline",
     "apply_lora",
     "attach",
+    "check_pipeline_widths",
     "check_widths",
     "config_from_dict",
     "default_lora_targets",
     "load_head",
+    "pipeline_family",
     "pipeline_widths",
     "resolve_pretrained",
     "unfreeze_last_layers",

@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Literal
 #: Version of the on-disk layout written by this package; readers refuse newer versions.
 FORMAT_VERSION = 1
 
-TeacherFamily = Literal["sd1", "sd2", "sdxl"]
-TEACHER_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+TeacherFamily = Literal["sd1", "sd2", "sdxl", "pixart", "sana", "sd3", "flux"]
+TEACHER_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "pixart", "sana", "sd3", "flux")
+#: Families whose pipelines need ``pooled_prompt_embeds`` (SDXL's UNet added conditions, the MMDiTs' AdaLN).
+POOLED_FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "flux")
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -28,12 +30,18 @@ class HeadConfig:
 
     Attributes:
         student_width: width ``d`` of the student encoder's hidden states fed to the head.
-        teacher_width: width ``D`` of the teacher's ``prompt_embeds`` (the UNet's ``cross_attention_dim``:
-            768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL).
-        teacher_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; documents which teacher the head was trained for.
-        pooled_width: width ``P`` of the pooled embedding the head also returns (SDXL's
-            ``pooled_prompt_embeds``, 1280; or the [EOS] projection AltDiffusion distils), or ``None``
-            for a head that returns no pooled vector. Required when ``teacher_family == "sdxl"``.
+        teacher_width: width ``D`` of the teacher's ``prompt_embeds``, the denoiser's conditioning width: the
+            UNet's ``cross_attention_dim`` (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL), the transformer's
+            ``caption_channels`` (4096 for PixArt-α/Σ's T5, 2304 for Sana's Gemma-2) or its
+            ``joint_attention_dim`` (4096 for SD3 and Flux, their T5 width).
+        teacher_family: ``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"pixart"`` (PixArt-α and PixArt-Σ), ``"sana"``,
+            ``"sd3"`` or ``"flux"``; documents which teacher the head was trained for.
+        pooled_width: width ``P`` of the pooled embedding the head also returns, or ``None`` for a head that
+            returns no pooled vector. Required for the families whose pipelines need ``pooled_prompt_embeds``
+            (:data:`POOLED_FAMILIES`): SDXL (1280, CLIP-G's projection), SD3 (2048, CLIP-L's 768 and CLIP-G's
+            1280 projections side by side; ``transformer.config.pooled_projection_dim``) and Flux (768,
+            CLIP-L's pooler output; ``pooled_projection_dim`` too). Optional elsewhere (the [EOS] projection
+            AltDiffusion distils on SD 1.x); PixArt and Sana pipelines take no pooled vector and ignore one.
         student_model: name or path of the student encoder the head was trained on (informational,
             and the default student of ``LanguageEncoder.from_pretrained`` for a frozen student).
         language: language code of the prompts the head was trained on (``"zh"``).
@@ -59,9 +67,10 @@ class HeadConfig:
             raise ValueError(
                 f"`teacher_family` must be one of {TEACHER_FAMILIES}, got {self.teacher_family!r}"
             )
-        if self.teacher_family == "sdxl" and self.pooled_width is None:
+        if self.teacher_family in POOLED_FAMILIES and self.pooled_width is None:
             raise ValueError(
-                "`pooled_width` is required for an SDXL teacher (its UNet needs pooled_prompt_embeds)"
+                f"`pooled_width` is required when `teacher_family` is {self.teacher_family!r}: its pipeline needs "
+                "pooled_prompt_embeds (SDXL's UNet added conditions, SD3's and Flux's AdaLN)"
             )
         if not isinstance(self.language, str) or not self.language:
             raise ValueError(f"`language` must be a non-empty string, got {self.language!r}")
@@ -98,7 +107,10 @@ class MLPAdapterConfig(HeadConfig):
     The defaults are the SDXL adapter of the PEA-Diffusion code for a 1024-wide student
     (``MLP(1024, 1280, 1024, 2048)``): 1024 -> 1024 -> 1024 -> 1280 (bias-free), pooled = token mean of
     that 1280-wide output, tokens = ``Linear(1280, 2048)(GELU(.))``; 6,033,408 parameters. For SD 1.x / 2.x
-    set ``teacher_width=768`` / ``1024`` and ``pooled_width=None``: the stack then ends at the teacher width.
+    set ``teacher_width=768`` / ``1024`` and ``pooled_width=None``: the stack then ends at the teacher width;
+    likewise for PixArt / Sana (``teacher_width`` = ``caption_channels``). For SD3 / Flux set
+    ``teacher_width`` = ``joint_attention_dim`` (4096) and ``pooled_width`` = ``pooled_projection_dim``
+    (2048 / 768): the stack ends at the pooled width, as for SDXL.
 
     Attributes:
         hidden_width: width of the hidden Linear layers (1024 gives PEA's 6.0M SDXL adapter).

@@ -327,29 +327,38 @@ def check_widths(
     needs_pooled: bool = False,
     student_width: int | None = None,
     where: str = "the pipeline",
+    width_key: str = "unet.config.cross_attention_dim",
+    pooled_key: str | None = None,
 ) -> None:
     """Raise :class:`WidthMismatchError` listing every width of ``config`` that does not fit.
 
     Args:
         config: the head's config.
-        cross_attention_dim: the UNet's ``cross_attention_dim`` the head's ``teacher_width`` must equal.
-        pooled_width: the pooled width the pipeline expects (SDXL: ``text_encoder_2.config.projection_dim``).
-        needs_pooled: the pipeline requires pooled embeds (SDXL); a head with no pooled output then fails.
+        cross_attention_dim: the denoiser's conditioning width the head's ``teacher_width`` must equal (a UNet's
+            ``cross_attention_dim``, a PixArt / Sana transformer's ``caption_channels``, an SD3 / Flux
+            transformer's ``joint_attention_dim``).
+        pooled_width: the pooled width the pipeline expects (SDXL: ``text_encoder_2.config.projection_dim``;
+            SD3 / Flux: ``transformer.config.pooled_projection_dim``).
+        needs_pooled: the pipeline requires pooled embeds (SDXL, SD3, Flux); a head with no pooled output
+            then fails.
         student_width: the student encoder's hidden size the head's ``student_width`` must equal.
         where: how the error names the other side (``"the pipeline"``, ``"the student"``).
+        width_key: the config key ``cross_attention_dim`` was read from, named in the error
+            (``"transformer.config.caption_channels"``, ``"transformer.config.joint_attention_dim"``).
+        pooled_key: the config key ``pooled_width`` was read from, named in the error when given.
     """
     problems: list[str] = []
     if cross_attention_dim is not None and config.teacher_width != cross_attention_dim:
-        problems.append(
-            f"teacher_width {config.teacher_width} != unet.config.cross_attention_dim {cross_attention_dim}"
-        )
+        problems.append(f"teacher_width {config.teacher_width} != {width_key} {cross_attention_dim}")
+    pooled_from = f" ({pooled_key})" if pooled_key else ""
     if needs_pooled and config.pooled_width is None:
         problems.append(
             f"the head has no pooled output but {where} needs pooled_prompt_embeds of width {pooled_width}"
+            + pooled_from
         )
     elif needs_pooled and pooled_width is not None and config.pooled_width != pooled_width:
         problems.append(
-            f"pooled_width {config.pooled_width} != pooled width {pooled_width} expected by {where}"
+            f"pooled_width {config.pooled_width} != pooled width {pooled_width}{pooled_from} expected by {where}"
         )
     if student_width is not None and config.student_width != student_width:
         problems.append(f"student_width {config.student_width} != student hidden_size {student_width}")

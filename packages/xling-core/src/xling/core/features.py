@@ -3,6 +3,11 @@
 PEA-Diffusion (Ma et al., 2023, arXiv:2311.17086) distils the student pass towards the teacher pass on the
 outputs of every down block, the mid block and every up block of the frozen UNet. Run the UNet once per pass
 inside the tap and take the features after each.
+
+On a transformer denoiser (PixArt, Sana, SD3, Flux) the blocks are the ``transformer_blocks`` (then Flux's
+``single_transformer_blocks``) and a block's feature is its IMAGE-token output ``[B, N, C]``: MMDiT blocks return
+``(encoder_hidden_states, hidden_states)`` (SD3's last block ``(None, hidden_states)``, Flux's single blocks the
+split ``(text, image)`` too), the cross-attention DiT blocks return ``hidden_states``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ from torch.utils.hooks import RemovableHandle
 def pea_blocks(unet: nn.Module) -> tuple[str, ...]:
     """PEA's default set: ``down_blocks.0 .. down_blocks.{n-1}``, ``mid_block``, ``up_blocks.0 .. up_blocks.{n-1}``.
 
-    Four down and four up blocks in SD 1.x / 2.x (9 features), three each in SDXL (7 features).
+    Four down and four up blocks in SD 1.x / 2.x (9 features), three each in SDXL (7 features). A transformer
+    denoiser without UNet blocks gives every ``transformer_blocks.{i}``, then every Flux
+    ``single_transformer_blocks.{i}``.
     """
+    if not any(hasattr(unet, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+        return tuple(
+            f"{prefix}.{i}"
+            for prefix in ("transformer_blocks", "single_transformer_blocks")
+            for i in range(len(getattr(unet, prefix, None) or ()))
+        )
     names = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", ())))]
     if getattr(unet, "mid_block", None) is not None:
         names.append("mid_block")
@@ -35,6 +48,25 @@ def _first_tensor(output: Any) -> Tensor:
             f"a tapped block returned {type(output).__name__}, expected a Tensor or a tuple of them"
         )
     return output
+
+
+def _is_mmdit_block(module: nn.Module) -> bool:
+    """SD3 / Flux blocks, whose output is ``(encoder_hidden_states, hidden_states)``."""
+    from xling.core.joint_pivot import _block_types
+
+    try:
+        return type(module) in _block_types()
+    except ImportError:  # a diffusers without these blocks has none of them
+        return False
+
+
+def _image_tokens(output: Any) -> Tensor:
+    """An MMDiT block's image-token output, the second of ``(encoder_hidden_states, hidden_states)``."""
+    if not (isinstance(output, (tuple, list)) and len(output) == 2 and isinstance(output[1], Tensor)):
+        raise TypeError(
+            f"an MMDiT block returned {type(output).__name__}, expected (encoder_hidden_states, hidden_states)"
+        )
+    return output[1]
 
 
 class FeatureTap:
@@ -58,7 +90,8 @@ class FeatureTap:
 
     Attributes:
         blocks: the tapped names, in the given order.
-        features: ``{name: [B, C, h, w]}`` from the latest forward.
+        features: ``{name: [B, C, h, w]}`` (UNet blocks) or ``{name: [B, N, C]}`` (transformer blocks: the
+            image tokens) from the latest forward.
     """
 
     def __init__(self, unet: nn.Module, blocks: Sequence[str] | None = None) -> None:
@@ -84,9 +117,9 @@ class FeatureTap:
         """Whether the hooks are registered."""
         return bool(self._handles)
 
-    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+    def _hook(self, name: str, extract: Callable[[Any], Tensor]) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.features[name] = _first_tensor(output)
+            self.features[name] = extract(output)
 
         return hook
 
@@ -94,7 +127,10 @@ class FeatureTap:
         """Register one forward hook per block; returns ``self``."""
         if self.installed:
             raise RuntimeError("FeatureTap is already installed")
-        self._handles = [self.unet.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.blocks]
+        for name in self.blocks:
+            block = self.unet.get_submodule(name)
+            extract = _image_tokens if _is_mmdit_block(block) else _first_tensor
+            self._handles.append(block.register_forward_hook(self._hook(name, extract)))
         return self
 
     def remove(self) -> None:

@@ -19,6 +19,12 @@ that processor computes:
   behind ``num_tokens``, are left out). This costs a second ``to_q`` and teacher ``to_k``/``to_v`` projection
   and a second teacher attention per layer (under ``no_grad``, no activations kept).
 
+Cross-attention DiTs (PixArt, Sana) map the text through ``caption_projection`` (Sana: then ``caption_norm``)
+before the blocks; give that map as ``context_module`` (see :func:`caption_context_module`) and the student's
+embeddings, in the text encoder's width (``caption_channels``), go through it once per forward before the
+per-layer K/V, its weights kept out of autograd like ``to_k`` / ``to_v``. Sana's ``SanaAttnProcessor2_0`` is
+taken as stock (it normalises ``q`` / ``k`` before splitting the heads, as the tap then does).
+
 Every path calls the attention function it was given, the teacher's key padding mask included (``mask1``).
 Gradients never reach the teacher's weights, frozen or not: the student's K/V are made with the projections'
 parameters excluded from autograd, so only ``E_zh`` gets a gradient. Because ``Q`` is a constant, no UNet
@@ -37,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 #: ``attention_fn(q, k1, v1, k2, v2, *, mask1=None, mask2=None, scale=None) -> (o1, o2)`` or, fused,
 #: ``-> (o1, loss)``. ``mask1`` / ``mask2``: ``[B, M1]`` / ``[B, M2]`` bool key padding masks (True = attend).
@@ -145,12 +152,44 @@ def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
 def _stock_processor_types() -> tuple[type, ...]:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    return (AttnProcessor, AttnProcessor2_0)
+    return (AttnProcessor, AttnProcessor2_0, *_heads_after_norm_types())
+
+
+@functools.cache
+def _heads_after_norm_types() -> tuple[type, ...]:
+    """Stock processors that apply ``norm_q`` / ``norm_k`` to ``[B, N, H * d]`` before splitting the heads."""
+    try:
+        from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    except ImportError:  # a diffusers without Sana
+        return ()
+    return (SanaAttnProcessor2_0,)
 
 
 def _is_stock(processor: Any) -> bool:
     """Exactly diffusers' plain processors (a subclass may change the computation, so it is composed)."""
     return type(processor) in _stock_processor_types()
+
+
+def caption_context_module(denoiser: nn.Module) -> nn.Module | None:
+    """The map a cross-attention DiT applies to the text before its blocks, or ``None`` (a UNet, none there).
+
+    PixArt: ``caption_projection`` (``caption_channels`` -> inner width); Sana: ``caption_projection`` then
+    ``caption_norm`` (an RMSNorm). The modules are the denoiser's own (not copies), for
+    ``PivotTap(context_module=...)``.
+    """
+    projection = getattr(denoiser, "caption_projection", None)
+    if not isinstance(projection, nn.Module):
+        return None
+    norm = getattr(denoiser, "caption_norm", None)
+    return nn.Sequential(projection, norm) if isinstance(norm, nn.Module) else projection
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """``in_features`` of the first ``nn.Linear`` in ``module`` (its input width), or ``None``."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return int(sub.in_features)
+    return None
 
 
 def _function_name(fn: Any) -> str:
@@ -260,6 +299,7 @@ class PivotAttnProcessor(nn.Module):
         self.name = name
         self.inner = processor
         self.stock = _is_stock(processor)
+        self.heads_after_norm = type(processor) in _heads_after_norm_types()
         # diffusers' Attention.forward keeps only the cross_attention_kwargs named in
         # inspect.signature(processor.__call__); expose the wrapped processor's names so that its own arguments
         # (IP-Adapter's `ip_adapter_masks`, `scale`) still reach it through the tap.
@@ -280,11 +320,11 @@ class PivotAttnProcessor(nn.Module):
         **kwargs: Any,
     ) -> Tensor:
         """Run one cross-attention layer; records ``(o_teacher, o_student)`` or the layer loss on the tap."""
-        student = self.tap._student
-        if student is None or encoder_hidden_states is None:
+        if self.tap._student is None or encoder_hidden_states is None:
             return self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{self.name}: {INFERENCE_MODE_MESSAGE}")
+        student = self.tap._conditioning()
         if self.stock:
             return self._fast(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *student)
         out = self._inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
@@ -357,6 +397,15 @@ class PivotAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _split(self, attn: Any, x: Tensor, norm: nn.Module | None, batch: int) -> Tensor:
+        """``[B, M, H * d]`` -> ``[B, H, M, d]`` with the layer's q / k norm where its processor applies it."""
+        if norm is not None and self.heads_after_norm:
+            x = norm(x)
+        x = _heads(x, batch, attn.heads)
+        if norm is not None and not self.heads_after_norm:
+            x = norm(x)
+        return x
+
     def _pivot(
         self,
         attn: Any,
@@ -378,14 +427,10 @@ class PivotAttnProcessor(nn.Module):
             )
         # The teacher branch is a constant: Q, K_en, V_en never need a graph, whatever the caller's grad mode.
         with torch.no_grad():
-            query = _heads(attn.to_q(image), batch, attn.heads)
             text = attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
-            key = _heads(attn.to_k(text), batch, attn.heads)
+            query = self._split(attn, attn.to_q(image), attn.norm_q, batch)
+            key = self._split(attn, attn.to_k(text), attn.norm_k, batch)
             value = _heads(attn.to_v(text), batch, attn.heads)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
             mask1 = None
             if attention_mask is not None:
                 prepared = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
@@ -401,10 +446,8 @@ class PivotAttnProcessor(nn.Module):
             context2 = student.to(dtype=context.dtype)
             if attn.norm_cross:
                 context2 = attn.norm_encoder_hidden_states(context2)
-            key2 = _heads(attn.to_k(context2), batch, attn.heads)
+            key2 = self._split(attn, attn.to_k(context2), attn.norm_k, batch)
             value2 = _heads(attn.to_v(context2), batch, attn.heads)
-            if attn.norm_k is not None:
-                key2 = attn.norm_k(key2)
             o1, second = self.tap._attend(self.name, query, key, value, key2, value2, mask1, student_mask)
         o1 = o1.detach()
         self.tap._record(self.name, o1, second)
@@ -432,22 +475,46 @@ class PivotTap:
                 teacher.unet(z_t, t, encoder_hidden_states=E_en)
             loss = torch.stack(tap.losses).sum()  # IAP eq. 3 with unit weights
 
+    A cross-attention DiT (PixArt, Sana) takes the student in the text encoder's width::
+
+        dit = teacher.transformer
+        with PivotTap(dit, context_module=caption_context_module(dit)) as tap:
+            tap.set_student(E_zh, mask_zh)  # [B, L, caption_channels]
+            with torch.no_grad():
+                dit(z_t, encoder_hidden_states=E_en, encoder_attention_mask=mask_en, timestep=t, ...)
+
     Args:
         unet: a diffusers UNet (anything with ``attn_processors`` / ``set_attn_processor``).
         attention_fn: ``(q, k1, v1, k2, v2, *, mask1, mask2, scale) -> (o1, o2)``, or ``-> (o1, loss)`` when
             ``fused`` (``mask1`` / ``mask2``: ``[B, M1]`` / ``[B, M2]`` bool, True = attend); ``None`` picks
             :func:`dual_attention_sdpa` / :func:`dual_attention_mse_sdpa`.
         fused: ``attention_fn`` returns the layer loss instead of the student output.
+        context_module: applied to the student's ``prompt_embeds`` ``[B, L, D]`` once per forward, before the
+            per-layer K/V (a DiT's ``caption_projection``, see :func:`caption_context_module`); its weights
+            record no graph. ``None``: the student's embeddings go to ``to_k`` / ``to_v`` as they are (a UNet).
+        conditioning_dim: the student width ``set_student`` checks. ``None``: with a ``context_module`` the
+            denoiser's ``config.caption_channels`` (else the module's first ``nn.Linear`` input width), without
+            one the denoiser's ``cross_attention_dim`` (for PixArt / Sana that is the inner width, after the
+            projection).
 
     Attributes:
         layers: names of the tapped cross-attention modules, in module order.
         takes_mask1: whether ``attention_fn`` accepts ``mask1`` (from its signature).
+        conditioning_dim: the width of the student's ``prompt_embeds`` (``None``: not checked).
         pairs: ``[(o_teacher [B, H, N, d] detached, o_student [B, H, N, d]), ...]`` in call order (not fused).
         losses: ``[scalar fp32, ...]`` in call order (fused).
         recorded_layers: the layer name of each recorded entry.
     """
 
-    def __init__(self, unet: nn.Module, attention_fn: AttentionFn | None = None, fused: bool = False) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        attention_fn: AttentionFn | None = None,
+        fused: bool = False,
+        *,
+        context_module: nn.Module | None = None,
+        conditioning_dim: int | None = None,
+    ) -> None:
         if not hasattr(unet, "set_attn_processor") or not hasattr(unet, "attn_processors"):
             raise TypeError(f"`unet` must have attn_processors/set_attn_processor, got {type(unet).__name__}")
         if attention_fn is not None and not callable(attention_fn):
@@ -467,8 +534,30 @@ class PivotTap:
             if cross_dim is not None
             else None
         )
+        if context_module is not None and not isinstance(context_module, nn.Module):
+            raise TypeError(
+                f"`context_module` must be an nn.Module or None, got {type(context_module).__name__}"
+            )
+        self.context_module = context_module
+        if conditioning_dim is not None:
+            if (
+                isinstance(conditioning_dim, bool)
+                or not isinstance(conditioning_dim, int)
+                or conditioning_dim < 1
+            ):
+                raise ValueError(
+                    f"`conditioning_dim` must be a positive int or None, got {conditioning_dim!r}"
+                )
+            self.conditioning_dim: int | None = conditioning_dim
+        elif context_module is not None:
+            channels = getattr(getattr(unet, "config", None), "caption_channels", None)
+            self.conditioning_dim = int(channels) if channels is not None else _input_width(context_module)
+        else:
+            self.conditioning_dim = self.cross_attention_dim
         self._originals: dict[str, Any] | None = None
+        self._handle: RemovableHandle | None = None
         self._student: tuple[Tensor, Tensor | None] | None = None
+        self._context: Tensor | None = None  # context_module(student), once per forward
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.losses: list[Tensor] = []
         self.recorded_layers: list[str] = []
@@ -492,6 +581,9 @@ class PivotTap:
         }
         self.unet.set_attn_processor(processors)
         self._originals = originals
+        if self.context_module is not None:
+            # A fresh projection per forward: each forward's losses own their graph (one backward each).
+            self._handle = self.unet.register_forward_pre_hook(lambda module, args: self._forget_context())
         return self
 
     def remove(self) -> None:
@@ -499,7 +591,11 @@ class PivotTap:
         if self._originals is not None:
             self.unet.set_attn_processor(dict(self._originals))
             self._originals = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         self._student = None
+        self._context = None
 
     def __enter__(self) -> PivotTap:
         return self.install()
@@ -527,10 +623,23 @@ class PivotTap:
             raise TypeError(f"`prompt_embeds` must be a Tensor, got {type(prompt_embeds).__name__}")
         if prompt_embeds.ndim != 3:
             raise ValueError(f"`prompt_embeds` must be [B, L, D], got {tuple(prompt_embeds.shape)}")
-        if self.cross_attention_dim is not None and prompt_embeds.shape[-1] != self.cross_attention_dim:
+        width = prompt_embeds.shape[-1]
+        if self.conditioning_dim is not None and width != self.conditioning_dim:
+            if self.context_module is not None:
+                raise ValueError(
+                    f"student prompt_embeds width {width} does not fit the teacher's conditioning width "
+                    f"{self.conditioning_dim} (the input of context_module {type(self.context_module).__name__})"
+                )
+            hint = ""
+            if caption_context_module(self.unet) is not None:
+                channels = getattr(getattr(self.unet, "config", None), "caption_channels", None)
+                hint = (
+                    f"; {type(self.unet).__name__} projects its text (caption_channels {channels}) before the "
+                    "blocks: pass context_module=caption_context_module(denoiser)"
+                )
             raise ValueError(
-                f"student prompt_embeds width {prompt_embeds.shape[-1]} does not fit the teacher's "
-                f"cross_attention_dim {self.cross_attention_dim}"
+                f"student prompt_embeds width {width} does not fit the teacher's "
+                f"cross_attention_dim {self.cross_attention_dim}{hint}"
             )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor):
@@ -544,11 +653,33 @@ class PivotTap:
                 )
             attention_mask = attention_mask.to(device=prompt_embeds.device, dtype=torch.bool)
         self._student = (prompt_embeds, attention_mask)
+        self._context = None
         self.clear()
 
     def clear_student(self) -> None:
         """Forget the student: the tapped layers behave exactly as stock again."""
         self._student = None
+        self._context = None
+
+    def _forget_context(self) -> None:
+        self._context = None
+
+    def _conditioning(self) -> tuple[Tensor, Tensor | None]:
+        """The student's text as the layers' ``to_k`` / ``to_v`` take it, ``[B, L, D_cross]``, and its mask.
+
+        Without a ``context_module`` it is ``prompt_embeds`` itself. With one, ``context_module(prompt_embeds)``
+        is computed once per forward (the denoiser's pre-hook drops it), its weights outside autograd.
+        """
+        assert self._student is not None
+        embeds, mask = self._student
+        if self.context_module is None:
+            return embeds, mask
+        if self._context is None:
+            param = next((p for p in self.context_module.parameters() if p.is_floating_point()), None)
+            dtype = param.dtype if param is not None else embeds.dtype
+            with torch.set_grad_enabled(embeds.requires_grad), _outside_autograd(self.context_module):
+                self._context = self.context_module(embeds.to(dtype=dtype))
+        return self._context, mask
 
     def clear(self) -> None:
         """Drop recorded pairs / losses (frees the student graphs they hold)."""

@@ -1,4 +1,5 @@
-"""The plain diffusion training loss, with optional Min-SNR-gamma weighting (Hang et al., ICCV 2023)."""
+"""The plain diffusion training loss, with optional Min-SNR-gamma weighting (Hang et al., ICCV 2023), for DDPM
+teachers (epsilon / v / x0 targets) and flow-matching teachers (the velocity target of SD3, Flux and Sana)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from ._reduce import acc_dtype, reduce_samples, squared_error
 
 __all__ = ["compute_snr", "denoising", "denoising_target", "min_snr_weights"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = (*DDPM_PREDICTION_TYPES, "flow")
 
 
 def _alphas(fn: str, timesteps: Tensor, alphas_cumprod: Tensor, device: torch.device) -> Tensor:
@@ -88,8 +90,10 @@ def min_snr_weights(snr: Tensor, snr_gamma: float, prediction_type: str = "epsil
     gamma = check_number(fn, "snr_gamma", snr_gamma)
     if gamma <= 0:
         raise ValueError(f"{fn}: snr_gamma must be > 0, got {gamma}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"{fn}: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type not in DDPM_PREDICTION_TYPES:
+        raise ValueError(
+            f"{fn}: prediction_type must be one of {DDPM_PREDICTION_TYPES}, got {prediction_type!r}"
+        )
     clamped = snr.clamp_max(gamma)  # min(SNR, gamma)
     if prediction_type == "epsilon":
         return torch.where(snr == 0, torch.ones_like(snr), clamped / snr)
@@ -103,21 +107,24 @@ def denoising_target(
     noise: Tensor,
     sample: Tensor,
     timesteps: Tensor,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None,
     prediction_type: str = "epsilon",
 ) -> Tensor:
-    """What the UNet should predict for ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``.
+    """What the denoiser should predict for ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` (DDPM) or
+    ``x_t = (1 - sigma_t) x_0 + sigma_t eps`` (flow matching):
 
         epsilon:       eps
         v_prediction:  v = sqrt(a_t) eps - sqrt(1 - a_t) x_0      (Salimans & Ho, 2022)
         sample:        x_0
+        flow:          eps - x_0, the velocity d x_t / d sigma   (rectified flow; Esser et al., 2024, SD3)
 
     Args:
         noise: ``[B, C, H, W]`` (any ``[B, ...]``) the noise ``eps`` added to the sample.
         sample: ``x_0``, same shape, dtype and device as ``noise`` (clean latents).
         timesteps: ``[B]`` integer timesteps.
-        alphas_cumprod: ``[T]`` cumulative alphas of the training scheduler, on any device.
-        prediction_type: The scheduler's ``config.prediction_type``.
+        alphas_cumprod: ``[T]`` cumulative alphas of the training scheduler, on any device; ``None`` for ``flow``
+            (its target does not depend on the timestep).
+        prediction_type: The scheduler's ``config.prediction_type``, or ``"flow"``.
 
     Returns:
         The target, same shape and dtype as ``noise``.
@@ -128,15 +135,29 @@ def denoising_target(
     """
     fn = "denoising_target"
     _check_inputs(fn, noise, sample, timesteps, prediction_type)
-    a = _alphas(fn, timesteps, alphas_cumprod, noise.device)  # [B]
+    a = _alphas_or_none(fn, timesteps, alphas_cumprod, noise.device, prediction_type)  # [B] | None
     return _target(a, noise, sample, prediction_type)
 
 
-def _target(a: Tensor, noise: Tensor, sample: Tensor, prediction_type: str) -> Tensor:
+def _alphas_or_none(
+    fn: str, timesteps: Tensor, alphas_cumprod: Tensor | None, device: torch.device, prediction_type: str
+) -> Tensor | None:
+    """``alphas_cumprod[timesteps]`` ``[B]``; ``None`` for ``flow``, whose target needs no schedule."""
+    if prediction_type == "flow":
+        return None
+    if alphas_cumprod is None:
+        raise ValueError(f"{fn}: prediction_type {prediction_type!r} needs alphas_cumprod, got None")
+    return _alphas(fn, timesteps, alphas_cumprod, device)
+
+
+def _target(a: Tensor | None, noise: Tensor, sample: Tensor, prediction_type: str) -> Tensor:
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
         return sample
+    if prediction_type == "flow":
+        return noise - sample
+    assert a is not None  # v_prediction
     a = a.to(acc_dtype(noise)).reshape(-1, *([1] * (noise.ndim - 1)))  # [B, 1, ...]
     return (a.sqrt() * noise - (1.0 - a).sqrt() * sample).to(noise.dtype)
 
@@ -164,7 +185,7 @@ def denoising(
     noise: Tensor,
     sample: Tensor,
     timesteps: Tensor,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None,
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
     reduction: str = "mean",
@@ -182,9 +203,11 @@ def denoising(
         noise: The noise ``eps`` that made ``x_t``, same shape, dtype and device as ``pred``.
         sample: The clean latents ``x_0``, same shape, dtype and device as ``pred``.
         timesteps: ``[B]`` integer timesteps.
-        alphas_cumprod: ``[T]`` the training scheduler's ``alphas_cumprod`` (any device; it is gathered and moved).
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (the scheduler's config).
-        snr_gamma: ``None`` for the unweighted loss, or the Min-SNR clamp ``gamma`` (5.0 is usual).
+        alphas_cumprod: ``[T]`` the training scheduler's ``alphas_cumprod`` (any device; it is gathered and moved);
+            ``None`` for ``flow``.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (the scheduler's config), or ``"flow"``
+            (a flow-matching teacher: target ``eps - x_0``).
+        snr_gamma: ``None`` for the unweighted loss, or the Min-SNR clamp ``gamma`` (5.0 is usual); DDPM only.
         reduction: ``"mean"`` (over samples of the weighted per-sample means), ``"sum"`` (over samples of
             ``w_b`` times each sample's summed squared error), or ``"none"`` (the weighted per-sample means, ``[B]``).
 
@@ -193,7 +216,7 @@ def denoising(
 
     Raises:
         ValueError: Shape or device mismatch, an unknown prediction type or reduction, timesteps that do not fit,
-            or a non-positive ``snr_gamma``.
+            or a non-positive ``snr_gamma``, or ``snr_gamma`` with ``flow`` (Min-SNR is defined on a DDPM schedule).
         TypeError: Non-floating tensors, non-integer timesteps, or mismatched dtypes.
     """
     fn = "denoising"
@@ -201,10 +224,15 @@ def denoising(
     check_tensor(fn, "pred", pred)
     _check_inputs(fn, noise, sample, timesteps, prediction_type)
     check_pair(fn, pred, noise, ("pred", "noise"))
-    a = _alphas(fn, timesteps, alphas_cumprod, pred.device)  # [B]
+    if snr_gamma is not None and prediction_type == "flow":
+        raise ValueError(
+            f"{fn}: snr_gamma (Min-SNR weighting) needs a DDPM schedule, not prediction_type 'flow'"
+        )
+    a = _alphas_or_none(fn, timesteps, alphas_cumprod, pred.device, prediction_type)  # [B] | None
     sums, counts = squared_error(pred, _target(a, noise, sample, prediction_type))  # [B], [B]
     if snr_gamma is None:
         return reduce_samples(sums, counts, reduction)
+    assert a is not None  # not flow (refused above)
     weights = min_snr_weights(a / (1.0 - a), snr_gamma, prediction_type).to(sums.dtype)  # [B]
     # Every sample has the same element count, so "mean" is diffusers' mean over the batch of w_b * mse_b.
     return reduce_samples(weights * sums, counts, reduction)

@@ -427,10 +427,20 @@ class TextEmbeddingCache:
     def components(
         teacher: TextEncoderTeacher, dtype: torch.dtype | None, extra: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        """The fingerprints the cache is keyed by: ``text_encoders``, ``tokenizers``, ``dtype``, ``extra``."""
+        """The fingerprints the cache is keyed by: ``text_encoders``, ``tokenizers``, ``encoding`` (the teacher's
+        options that change its encoding beside its weights: the token length, ``clip_skip`` and Sana's instruction),
+        ``dtype``, ``extra``."""
+        instruction = getattr(teacher, "complex_human_instruction", None)
         return {
             "text_encoders": [module_fingerprint(encoder) for encoder in teacher.text_encoders],
             "tokenizers": [tokenizer_fingerprint(tokenizer) for tokenizer in teacher.tokenizers],
+            "encoding": {
+                "max_length": getattr(teacher, "max_length", None),
+                "clip_skip": getattr(teacher, "clip_skip", None),
+                "instruction": None
+                if not instruction
+                else hashlib.sha256("\n".join(instruction).encode()).hexdigest()[:16],
+            },
             "dtype": str(dtype),
             "extra": dict(extra or {}),
         }
@@ -518,7 +528,15 @@ class TextEmbeddingCache:
                 name = f"text-{number:05d}.safetensors"
                 used.add(name)
                 pooled = "pooled_prompt_embeds" in tensors
-                entries.append({**_write_shard(folder, name, tensors), "rows": len(chunk), "pooled": pooled})
+                masked = "prompt_attention_mask" in tensors
+                entries.append(
+                    {
+                        **_write_shard(folder, name, tensors),
+                        "rows": len(chunk),
+                        "pooled": pooled,
+                        "mask": masked,
+                    }
+                )
                 # Index after every shard, so an interrupted build keeps what it finished.
                 _atomic_write_bytes(folder / INDEX_NAME, json.dumps(index, indent=1).encode())
         elif notes:
@@ -532,7 +550,8 @@ class TextEmbeddingCache:
         return isinstance(caption, str) and caption_hash(caption) in self._where
 
     def __getitem__(self, caption: str) -> dict[str, torch.Tensor]:
-        """``{"prompt_embeds": [L, D]}`` plus ``"pooled_prompt_embeds": [P]`` when the teacher has one."""
+        """``{"prompt_embeds": [L, D]}`` plus ``"pooled_prompt_embeds": [P]`` and ``"prompt_attention_mask": [L]``
+        when the teacher has them (pooled: SDXL, SD3, Flux; the mask: PixArt, Sana)."""
         where = self._where.get(caption_hash(caption))
         if where is None:
             raise KeyError(f"caption not in the teacher-embedding cache: {caption[:80]!r}")
@@ -540,12 +559,19 @@ class TextEmbeddingCache:
         out = {"prompt_embeds": self._reader.row(file, "prompt_embeds", row)}
         if self.has_pooled:
             out["pooled_prompt_embeds"] = self._reader.row(file, "pooled_prompt_embeds", row)
+        if self.has_mask:
+            out["prompt_attention_mask"] = self._reader.row(file, "prompt_attention_mask", row)
         return out
 
     @property
     def has_pooled(self) -> bool:
         """Whether entries carry ``pooled_prompt_embeds``."""
         return bool(self.index["shards"]) and bool(self.index["shards"][0].get("pooled", False))
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether entries carry the teacher's ``prompt_attention_mask`` (PixArt, Sana)."""
+        return bool(self.index["shards"]) and bool(self.index["shards"][0].get("mask", False))
 
     def lookup(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Batch lookup: ``prompt_embeds`` ``[B, L, D]`` (+ ``pooled_prompt_embeds`` ``[B, P]``)."""
@@ -569,7 +595,7 @@ def _encode_texts(
     starts: Iterable[int] = range(0, len(captions), batch_size)
     if progress is not None:
         starts = progress(starts)
-    embeds, pooled = [], []
+    embeds, pooled, masks = [], [], []
     for start in starts:
         out = teacher.encode(list(captions[start : start + batch_size]))
         embeds.append(out.prompt_embeds.to("cpu", dtype=dtype or out.prompt_embeds.dtype))  # [b, L, D]
@@ -577,10 +603,14 @@ def _encode_texts(
             pooled.append(
                 out.pooled_prompt_embeds.to("cpu", dtype=dtype or out.pooled_prompt_embeds.dtype)
             )  # [b, P]
+        if getattr(out, "attention_mask", None) is not None:
+            masks.append(out.attention_mask.to("cpu", dtype=torch.uint8))  # [b, L]
     hashes = torch.tensor([list(caption_hash(c)) for c in captions], dtype=torch.uint8)  # [n, 16]
     tensors = {"caption_hash": hashes, "prompt_embeds": torch.cat(embeds)}
     if pooled:
         tensors["pooled_prompt_embeds"] = torch.cat(pooled)
+    if masks:
+        tensors["prompt_attention_mask"] = torch.cat(masks)
     return tensors
 
 

@@ -617,7 +617,12 @@ def load_demo(
         xling.adapters.WidthMismatchError: the adapter does not fit the teacher (a ``ValueError``).
     """
     from xling.train.evaluation.runs import load_adapter
-    from xling.train.evaluation.sampling import check_fits, load_pipeline, sampler_defaults
+    from xling.train.evaluation.sampling import (
+        check_fits,
+        load_pipeline,
+        native_resolution,
+        sampler_defaults,
+    )
 
     start = time.perf_counter()
     name = resolve_adapter(adapter)
@@ -627,7 +632,7 @@ def load_demo(
     # A Hub id resolves to a downloaded folder; the encoder knows which.
     source = getattr(encoder, "source", None) or name
     facts = read_adapter_facts(source)
-    resolution = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    resolution = native_resolution(pipe)[0]
     steps, guidance = sampler_defaults(teacher_name, None, None)
     language = str(getattr(encoder.config, "language", facts.language))
     return DemoModel(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,20 +94,27 @@ def noisy_latents(
     latents: str = "mode",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(z0, noise, timesteps, z_t)``: ``[B, C, h, w]`` latents (``latents``: the posterior mode or a sample, see
-    :func:`clean_latents`) noised by the teacher's training scheduler at per-row seeded ``timesteps [B]`` drawn
-    from ``[t_min, t_max]``."""
+    :func:`clean_latents`) noised by the teacher (``Teacher.add_noise``: DDPM's forward process, or flow matching's
+    ``(1 - sigma) z0 + sigma noise``) at per-row seeded training indices ``timesteps [B]`` drawn from
+    ``[t_min, t_max]`` (larger = noisier for every family)."""
     z0 = clean_latents(teacher, batch, latents=latents, seed=seed)
-    scheduler = teacher.scheduler
     noise, t = sample_noise_and_timesteps(
         batch,
         z0.shape[1:],
         seed=seed,
-        num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        num_train_timesteps=teacher.num_train_timesteps,
         t_min=t_min,
         t_max=t_max,
         device=z0.device,
     )
-    return z0, noise, t, scheduler.add_noise(z0, noise, t)
+    return z0, noise, t, teacher.add_noise(z0, noise, t)
+
+
+def denoising_schedule(teacher: Teacher) -> dict[str, Any]:
+    """The schedule keywords of ``xling.losses.denoising`` for ``teacher``: ``alphas_cumprod`` (``None`` for a
+    flow-matching teacher, whose velocity target needs none) and ``prediction_type`` (``"flow"`` there)."""
+    alphas = None if teacher.flow_matching else teacher.scheduler.alphas_cumprod
+    return {"alphas_cumprod": alphas, "prediction_type": teacher.prediction_type}
 
 
 def time_ids(teacher: Teacher, batch: Batch, rule: str = "square") -> Tensor | None:

@@ -34,10 +34,16 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED", help="sampling seeds")
     parser.add_argument(
-        "--steps", type=int, default=None, help="sampler steps (default: the toy world's, or 30)"
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the toy world's, the pipeline's own for PixArt/Sana/SD3/Flux, else 30)",
     )
     parser.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (default: toy world's, or 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: toy world's, the pipeline's own for PixArt/Sana/SD3/Flux, else 7.5)",
     )
     parser.add_argument(
         "--max-scenes", type=int, default=None, help="toy world: evaluate a fixed subset of scenes"

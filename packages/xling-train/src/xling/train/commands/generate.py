@@ -4,7 +4,9 @@ The adapter (a ``LanguageEncoder`` directory) turns the prompts into the teacher
 teacher's own pipeline and sampler draw them, one image per prompt and seed. The default teacher is the one
 the adapter records (the teacher it was trained with; the toy world's for an adapter that records none);
 ``--teacher`` overrides it, and the adapter's widths are checked against it before anything is sampled.
-The toy teacher samples at its own default steps and guidance, any other at 30 steps and guidance 7.5.
+The toy teacher samples at its own default steps and guidance; a PixArt-α/Σ, Sana, SD3 or Flux teacher at its
+pipeline's own (Flux's guidance is its distilled guidance embedding, with no negative prompt); any other at 30
+steps and guidance 7.5. Images come out at the teacher's native resolution.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ def register(subparsers: Any) -> None:
         "--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="one image per seed"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="sampler steps (default: the toy world's, or 30)"
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the toy world's, the pipeline's own for PixArt/Sana/SD3/Flux, else 30)",
     )
     parser.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (default: toy world's, or 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: toy world's, the pipeline's own for PixArt/Sana/SD3/Flux, else 7.5)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/generate"), metavar="DIR", help="output directory"

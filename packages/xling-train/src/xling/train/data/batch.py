@@ -30,7 +30,8 @@ class Batch:
         culture: ``[B]`` bool, True for culture-only rows, or ``None``.
         step: the update this batch belongs to (set by the loop; part of the noise seed).
         extra: cached teacher conditioning of ``en`` (``prompt_embeds [B, 77, D]``,
-            ``pooled_prompt_embeds [B, P]``) when the data comes with a teacher-embedding cache.
+            ``pooled_prompt_embeds [B, P]``, ``prompt_attention_mask [B, L]`` for PixArt / Sana) when the data comes
+            with a teacher-embedding cache.
     """
 
     en: list[str]
@@ -106,7 +107,8 @@ def collate_rows(items: Sequence[tuple[int, Mapping[str, Any]]]) -> Batch:
     if all(isinstance(r.get("latents"), Tensor) for r in rows):
         latents = torch.stack([r["latents"].float() for r in rows])
     extra = {}
-    for key in ("prompt_embeds", "pooled_prompt_embeds"):  # a teacher-embedding cache's rows
+    # a teacher-embedding cache's rows
+    for key in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"):
         if all(isinstance(r.get(key), Tensor) for r in rows):
             extra[key] = torch.stack([r[key] for r in rows])
     for key in (

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from xling.adapters.head import masked_mean
-from xling.core import Conditioning, PivotTap, Teacher
+from xling.core import Conditioning, Teacher
 from xling.losses import attention_mse
 from xling.train.evaluation.results import Samples
 
@@ -120,19 +120,25 @@ def attention_alignment(
     timesteps: Sequence[int] = (100, 500, 900),
     seed: int = 0,
 ) -> float:
-    """IAP's attention MSE between teacher and student branches of every cross-attention layer.
+    """IAP's attention MSE between teacher and student branches of every tapped attention layer.
 
     For each timestep, the images' latents are noised with seeded noise and the denoiser runs once on the
-    teacher's conditioning with :class:`xling.core.PivotTap` holding the student's; the value is
+    teacher's conditioning with the family's pivot tap holding the student's; the value is
     ``sum_layers mean((o_t - o_s)^2)`` (:func:`xling.losses.attention_mse`), averaged over the timesteps.
+    The tap (docs/families.md): UNets :class:`xling.core.PivotTap` on every ``attn2``; PixArt / Sana the same
+    after the transformer's frozen caption projection (the teacher's and student's T5 / Gemma padding masks
+    reach the attention); SD3 / Flux ``xling.core.JointPivotTap``, the teacher-forced joint attention (image
+    queries against [image keys; English text keys] and [image keys; student text keys]).
 
     Args:
-        model: An ``xling.core.Teacher``, or a diffusers SD / SDXL pipeline (wrapped with
+        model: An ``xling.core.Teacher``, or a diffusers pipeline of a supported family (wrapped with
             ``Teacher.from_pipeline``, which freezes its modules in place).
-        student: Student conditioning ``[B, L_s, D]`` of the prompts.
-        teacher: Teacher conditioning ``[B, L_t, D]`` (+ pooled ``[B, P]`` for SDXL) of the parallel prompts.
+        student: Student conditioning ``[B, L_s, D]`` of the prompts (+ ``attention_mask [B, L_s]``).
+        teacher: Teacher conditioning ``[B, L_t, D]`` of the parallel prompts (+ pooled ``[B, P]`` for SDXL /
+            SD3 / Flux, + ``attention_mask [B, L_t]`` for PixArt / Sana).
         images: ``[B, 3, H, W]`` in ``[-1, 1]``, the scenes the prompts describe (the "pivots").
-        timesteps: Training timesteps to probe.
+        timesteps: Training timesteps to probe (indices in ``[0, num_train_timesteps)``; larger is noisier on
+            every family, flow matching included).
         seed: Seeds the noise.
 
     Returns:
@@ -145,9 +151,12 @@ def attention_alignment(
         )
     frozen = model if isinstance(model, Teacher) else Teacher.from_pipeline(model)
     device, dtype = frozen.device, frozen.dtype
-    pooled = teacher.pooled_prompt_embeds
+    pooled, mask = teacher.pooled_prompt_embeds, teacher.attention_mask
     english = Conditioning(
-        teacher.prompt_embeds.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
+        teacher.prompt_embeds.to(device, dtype),
+        None if pooled is None else pooled.to(device, dtype),
+        # PixArt / Sana attend with the T5 / Gemma padding mask; the UNets' CLIP and the MMDiTs attend to all
+        mask.to(device) if mask is not None and frozen.needs_attention_mask else None,
     )
     student_embeds = student.prompt_embeds.to(device, dtype)
     student_mask = None if student.attention_mask is None else student.attention_mask.to(device)
@@ -158,8 +167,8 @@ def attention_alignment(
         for t in timesteps:
             noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
             tt = torch.full((z0.shape[0],), int(t), dtype=torch.long, device=device)
-            z_t = frozen.scheduler.add_noise(z0, noise, tt)
-            with PivotTap(frozen.unet) as tap:
+            z_t = frozen.add_noise(z0, noise, tt)  # DDPM's forward process, or flow matching's interpolation
+            with frozen.pivot_tap() as tap:
                 tap.set_student(student_embeds, student_mask)
                 frozen.denoise(z_t, tt, english)
                 values.append(float(attention_mse(tap.pairs)))

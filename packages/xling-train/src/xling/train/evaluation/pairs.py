@@ -73,7 +73,7 @@ def teacher_samples(
     They do not depend on the student, so a benchmark scoring many students samples them once.
 
     Args:
-        pipe: A diffusers SD / SDXL pipeline.
+        pipe: A diffusers pipeline of a supported family (:func:`~xling.train.evaluation.load_pipeline`).
         prompts: ``N`` English prompts.
         rows: Prompt index of each image.
         seeds: Seed of each image.
@@ -112,7 +112,7 @@ def compare(
     """Condition teacher and student on parallel prompts, sample both at shared seeds and score agreement.
 
     Args:
-        pipe: A diffusers SD / SDXL pipeline.
+        pipe: A diffusers pipeline of a supported family (:func:`~xling.train.evaluation.load_pipeline`).
         encoder: The student (only its ``__call__`` is used).
         en_prompts: ``N`` English captions.
         zh_prompts: Their translations, same order.
@@ -173,12 +173,14 @@ def examples(
 
 
 def teacher_name(teacher: Any) -> str:
-    """What the report calls ``teacher``: its path, else its UNet's ``_name_or_path``, else its type."""
+    """What the report calls ``teacher``: its path, else its denoiser's ``_name_or_path`` (the UNet, or the
+    transformer of a PixArt / Sana / SD3 / Flux pipeline), else its type."""
     if isinstance(teacher, str | Path):
         return str(teacher)
-    path = getattr(teacher, "path", None) or getattr(getattr(teacher, "unet", None), "config", {}).get(
-        "_name_or_path"
-    )
+    path = getattr(teacher, "path", None)
+    for attr in ("unet", "transformer"):
+        if not path:
+            path = getattr(getattr(teacher, attr, None), "config", {}).get("_name_or_path")
     return str(path) if path else type(teacher).__name__
 
 

@@ -144,8 +144,8 @@ def evaluate_adapter(
         prompt_pairs: Off the toy world: ``(en, zh)`` pairs, when ``prompts`` is ``None``.
         num_prompts: Off the toy world: at most this many prompt pairs (``None``: all).
         seeds: Sampling seeds.
-        num_inference_steps: Sampler steps (``None``: the toy world's, or 30 for another teacher).
-        guidance_scale: Guidance (``None``: the toy world's, or 7.5 for another teacher).
+        num_inference_steps: Sampler steps (``None``: :func:`~xling.train.evaluation.sampler_defaults`).
+        guidance_scale: Guidance (``None``: :func:`~xling.train.evaluation.sampler_defaults`).
         paraphrase: Toy world: seeded paraphrases instead of the canonical captions.
         max_scenes: Toy world: a fixed subset of this many scenes (``None``: all).
         clip_model: CLIP model directory for the CLIP score (``None``: skipped).
@@ -301,8 +301,8 @@ def generate_images(
         teacher: ``"toy"``, a diffusers directory or id; ``None``: the teacher the adapter records
             (:func:`adapter_teacher`).
         seeds: ``S`` seeds; each prompt is drawn once per seed.
-        num_inference_steps: Sampler steps (``None``: the toy world's, or 30 for another teacher).
-        guidance_scale: Guidance (``None``: the toy world's, or 7.5 for another teacher).
+        num_inference_steps: Sampler steps (``None``: :func:`~xling.train.evaluation.sampler_defaults`).
+        guidance_scale: Guidance (``None``: :func:`~xling.train.evaluation.sampler_defaults`).
         scale: Nearest-neighbour upscaling factor (>= 1) of the saved PNGs.
         device: Where the pipeline runs.
         student_path: Where the base student of a frozen or LoRA adapter lives now (default: the recorded one).

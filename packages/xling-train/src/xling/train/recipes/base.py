@@ -62,12 +62,23 @@ class TrainStep(nn.Module, Generic[ConfigT]):
         return self
 
     def english(self, batch: Batch) -> Conditioning:
-        """The teacher's conditioning of ``batch.en`` (``prompt_embeds [B, 77, D]``, + pooled for SDXL): read from
-        the teacher-embedding cache when the rows carry it, else encoded now."""
+        """The teacher's conditioning of ``batch.en`` (``prompt_embeds [B, L, D]``, + pooled for SDXL / SD3 / Flux,
+        + the key padding mask for PixArt / Sana): read from the teacher-embedding cache when the rows carry it,
+        else encoded now."""
         if "prompt_embeds" in batch.extra:
             pooled = batch.extra.get("pooled_prompt_embeds")
-            return Conditioning(batch.extra["prompt_embeds"], pooled).to(self.teacher.dtype)
+            mask = batch.extra.get("prompt_attention_mask")
+            mask = None if mask is None else mask.long()
+            return Conditioning(batch.extra["prompt_embeds"], pooled, mask).to(self.teacher.dtype)
         return self.teacher.encode(batch.en)
+
+    def student_mask(self, student: Conditioning) -> Tensor | None:
+        """The key padding mask a denoiser pass on the student's conditioning gets: the student's own with
+        ``student_padding_mask``; ``None`` on an MMDiT (SD3 and Flux attend to every text token: their pipelines
+        and transformers take no text mask)."""
+        if self.teacher.is_mmdit or not getattr(self.config, "student_padding_mask", False):
+            return None
+        return student.attention_mask
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -22,7 +22,7 @@ from xling.core import Teacher
 from xling.losses import denoising, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
-from xling.train.noise import noisy_latents, time_ids
+from xling.train.noise import denoising_schedule, noisy_latents, time_ids
 from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
 SUMMARY = "plain denoising loss on the student, the cross-attention K/V or the UNet (needs images)"
@@ -30,8 +30,22 @@ NEEDS_IMAGES = True
 #: The loss reads only the target captions and the images: a corpus needs no English column.
 NEEDS_ENGLISH = False
 
-#: Name fragments of the parameters ``trainable="kv"`` trains: the cross-attention key/value projections.
+#: Name fragments of the parameters ``trainable="kv"`` trains: the cross-attention key/value projections (UNets,
+#: PixArt, Sana) ...
 KV_SUFFIXES = ("attn2.to_k.weight", "attn2.to_k.bias", "attn2.to_v.weight", "attn2.to_v.bias")
+#: ... or, in an MMDiT (SD3, Flux), the text stream's key/value projections of every joint attention (the single
+#: blocks of Flux share theirs with the image tokens and stay frozen).
+MMDIT_KV_SUFFIXES = (
+    "attn.add_k_proj.weight",
+    "attn.add_k_proj.bias",
+    "attn.add_v_proj.weight",
+    "attn.add_v_proj.bias",
+)
+
+
+def kv_suffixes(teacher: Teacher) -> tuple[str, ...]:
+    """The parameter-name endings ``trainable="kv"`` trains on ``teacher``'s denoiser."""
+    return MMDIT_KV_SUFFIXES if teacher.is_mmdit else KV_SUFFIXES
 
 
 @dataclass
@@ -41,7 +55,9 @@ class DenoiseConfig(NoisedImagesConfig, RecipeConfig):
 
     lr: float = option(5e-5, "Peak learning rate (IAP's, so the two losses compare on equal terms).")
     trainable: Literal["student", "kv", "unet"] = option(
-        "student", "'student', 'kv' (attn2 to_k/to_v only) or 'unet'."
+        "student",
+        "'student', 'kv' (the text key/value projections only: attn2 to_k/to_v; SD3/Flux: the joint "
+        "attentions' add_k_proj/add_v_proj) or 'unet' (the whole denoiser, UNet or transformer).",
     )
     adapter: str | None = option(
         None, "Adapter directory to start from (kv/unet: the frozen stage-1 student)."
@@ -67,7 +83,7 @@ class DenoiseStep(TrainStep[DenoiseConfig]):
             z_t,
             t,
             student,
-            attention_mask=student.attention_mask if c.student_padding_mask else None,
+            attention_mask=self.student_mask(student),
             time_ids=time_ids(teacher, batch, c.time_ids),
         )
         loss = denoising(
@@ -75,8 +91,7 @@ class DenoiseStep(TrainStep[DenoiseConfig]):
             noise=noise,
             sample=z0,
             timesteps=t,
-            alphas_cumprod=teacher.scheduler.alphas_cumprod,
-            prediction_type=teacher.prediction_type,
+            **denoising_schedule(teacher),
             snr_gamma=c.snr_gamma,
         )
         return weighted_sum({"denoise": loss}, require_finite=True)
@@ -89,11 +104,13 @@ class DenoiseStep(TrainStep[DenoiseConfig]):
             weights = {
                 n: p.detach().float().cpu().contiguous()
                 for n, p in self.unet.named_parameters()
-                if n.endswith(KV_SUFFIXES)
+                if n.endswith(kv_suffixes(self.teacher))
             }
             files["kv_weights"] = output_dir / "cross_attention_kv.safetensors"
             save_file(
-                weights, str(files["kv_weights"]), metadata={"format": "pt", "xling": "attn2 to_k/to_v"}
+                weights,
+                str(files["kv_weights"]),
+                metadata={"format": "pt", "xling": "text key/value projections"},
             )
         elif self.config.trainable == "unet":
             files["unet"] = output_dir / "unet"
@@ -113,8 +130,9 @@ def build(config: DenoiseConfig, *, device: torch.device, dtype: torch.dtype) ->
         encoder = student_encoder(config, head)
     if trains_unet:
         encoder.requires_grad_(False)  # stage 2: the (possibly fine-tuned) stage-1 student stays as it is
+        suffixes = kv_suffixes(teacher)
         for name, p in teacher.unet.named_parameters():
-            p.requires_grad_(config.trainable == "unet" or name.endswith(KV_SUFFIXES))
+            p.requires_grad_(config.trainable == "unet" or name.endswith(suffixes))
         teacher.unet.train()
         for module in (teacher.vae, *teacher.text_encoders):
             module.to(dtype)

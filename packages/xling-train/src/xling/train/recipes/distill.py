@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from xling.adapters import LinearHead, LinearHeadConfig
+from xling.core import CROSS_ATTENTION_DIT_FAMILIES
 from xling.losses import pooled_kd, weighted_sum
 from xling.train.config import RecipeConfig, option
 from xling.train.data import Batch
@@ -72,6 +73,12 @@ def build(config: DistillConfig, *, device: torch.device, dtype: torch.dtype) ->
     from transformers import AutoConfig
 
     teacher = load_teacher(config, device=device, dtype=dtype)
+    if teacher.pooled_dim is None and teacher.family in CROSS_ATTENTION_DIT_FAMILIES:
+        raise ValueError(
+            f"recipe distill needs the teacher's pooled text vector (AltDiffusion distils CLIP's [EOS] state), but a "
+            f"{teacher.family} teacher conditions on T5 / Gemma token states only and has none; train this family "
+            "with iap, pea, mtn, align or denoise"
+        )
     widths = head_widths(teacher, config.student)
     # pre_LN takes the student's own epsilon (AltCLIP: config.layer_norm_eps)
     eps = float(getattr(AutoConfig.from_pretrained(widths["student_model"]), "layer_norm_eps", 1e-5))

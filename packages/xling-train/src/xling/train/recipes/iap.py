@@ -5,7 +5,13 @@ the same image query ``Q``, the teacher output ``Attn(Q, K_en, V_en)`` (which fl
 MSE to the student output ``Attn(Q, K_zh, V_zh)``. Nothing in the teacher branch requires grad, so no UNet
 activation is kept and no UNet backward runs: gradients reach the student only through ``K_zh, V_zh``.
 
-    L = sum_i mean((Attn(Q_i, K_en_i, V_en_i) - Attn(Q_i, K_zh_i, V_zh_i))^2)   (+ pooled MSE for SDXL)
+    L = sum_i mean((Attn(Q_i, K_en_i, V_en_i) - Attn(Q_i, K_zh_i, V_zh_i))^2)   (+ pooled MSE for SDXL, SD3, Flux)
+
+The same step runs on every teacher family (docs/families.md): on the cross-attention DiTs (PixArt, Sana) the tap
+is the UNet's, after the transformer's frozen caption projection; on the MMDiTs (SD3, Flux) it is the
+teacher-forced joint-attention pivot (``xling.core.JointPivotTap``): image queries against [image keys; English
+text keys] vs [image keys; student text keys], the student's text stream advanced through the frozen text-stream
+weights, the image stream never back-propagated.
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ import torch
 from torch import Tensor
 
 from xling.adapters import LanguageEncoder, LinearHead, LinearHeadConfig
-from xling.core import AttentionFn, PivotTap, Teacher
-from xling.kernels import dual_attention_mse, dual_attention_mse_reference
+from xling.core import AttentionFn, Teacher
+from xling.kernels import (
+    dual_attention_mse,
+    dual_attention_mse_reference,
+    joint_dual_attention_mse,
+    joint_dual_attention_mse_reference,
+)
 from xling.losses import pooled_kd, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
@@ -39,15 +50,22 @@ class IAPConfig(NoisedImagesConfig, RecipeConfig):
     )
     # docs/benchmarks.md (H100, SD1.5 shapes, batch 16): the IAP step took 96.8 ms with the SDPA reference
     # and 142.5 ms with the Triton kernel, so `auto` takes the reference until the kernel measures faster.
+    # MMDiT teachers: the merged joint attention measured 2.95-3.25x faster than the concatenated reference on
+    # the CPU in the pivot's case; it is unmeasured on a GPU, so `auto` takes it on the CPU only.
     attention: Literal["auto", "fused", "reference"] = option(
         "auto",
-        "Dual attention in the pivot tap: 'fused' (Triton kernel), 'reference' (two PyTorch SDPA calls) or "
-        "'auto' (the one docs/benchmarks.md measured faster on the device: the reference today).",
+        "Dual attention in the pivot tap: 'fused' (Triton kernel; on SD3/Flux the joint attention with the image "
+        "part computed once and merged by log-sum-exp), 'reference' (PyTorch SDPA per branch; on SD3/Flux over "
+        "concatenated keys) or 'auto' (the one docs/benchmarks.md measured faster on the device: the reference "
+        "today, except the merged joint attention on the CPU).",
     )
 
 
-def attention_fn(choice: str) -> AttentionFn:
-    """The pivot tap's fused dual-attention MSE for ``config.attention``."""
+def attention_fn(choice: str, *, joint: bool = False, device: torch.device | None = None) -> AttentionFn:
+    """The pivot tap's fused attention MSE for ``config.attention`` (``joint``: the MMDiT pivot's)."""
+    if joint:
+        merged = choice == "fused" or (choice == "auto" and device is not None and device.type == "cpu")
+        return joint_dual_attention_mse if merged else joint_dual_attention_mse_reference
     return dual_attention_mse if choice == "fused" else dual_attention_mse_reference
 
 
@@ -56,7 +74,8 @@ class IAPStep(TrainStep[IAPConfig]):
 
     def __init__(self, encoder: LanguageEncoder, teacher: Teacher, config: IAPConfig) -> None:
         super().__init__(encoder, teacher, config)
-        self.tap = PivotTap(teacher.unet, attention_fn=attention_fn(config.attention), fused=True)
+        fn = attention_fn(config.attention, joint=teacher.is_mmdit, device=teacher.device)
+        self.tap = teacher.pivot_tap(fn, fused=True)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         teacher, c = self.teacher, self.config
@@ -67,10 +86,13 @@ class IAPStep(TrainStep[IAPConfig]):
             )
         student = self.encoder(batch.zh)  # prompt_embeds [B, L, D]
         with self.tap as tap:
-            mask = student.attention_mask if c.student_padding_mask else None
-            tap.set_student(student.prompt_embeds.to(teacher.dtype), mask)
+            # PixArt / Sana attend with the T5 / Gemma padding mask, so their students keep theirs too
+            keep_mask = c.student_padding_mask or teacher.needs_attention_mask
+            tap.set_student(
+                student.prompt_embeds.to(teacher.dtype), student.attention_mask if keep_mask else None
+            )
             teacher.denoise(z_t, t, english, time_ids=time_ids(teacher, batch, c.time_ids))
-            layer_losses = list(tap.losses)  # one fp32 scalar per cross-attention layer
+            layer_losses = list(tap.losses)  # one fp32 scalar per tapped attention layer
         terms = {"attention": torch.stack([loss.float() for loss in layer_losses]).sum()}
         if english.pooled_prompt_embeds is not None and student.pooled_prompt_embeds is not None:
             terms["pooled"] = pooled_kd(

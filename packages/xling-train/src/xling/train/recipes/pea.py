@@ -14,6 +14,10 @@ with ``m = m' = 1`` on every row, or with ``hybrid``: ``m_b = 1`` on culture-onl
 ``m'_b = 1 - m_b``. ``hybrid_normalisation: batch`` divides each masked term by the whole batch as PEA does;
 ``subset`` by its own rows. ``caption_dropout`` (PEA: 0.1) replaces the token embeddings of the same rows on
 both sides with those of the empty prompt; the pooled vectors (SDXL) stay the captions' own, as in PEA.
+
+On a transformer teacher (docs/families.md) the features are every transformer block's image-token output
+(``Teacher.feature_blocks``; the MMDiTs' text tokens differ in length between the passes and are not compared), and
+the denoising target is the family's (the velocity ``noise - z0`` for the flow-matching SD3, Flux and Sana).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from xling.core import Conditioning, FeatureTap
 from xling.losses import denoising, feature_kd, output_kd, weighted_sum
 from xling.train.config import NoisedImagesConfig, RecipeConfig, option
 from xling.train.data import Batch
-from xling.train.noise import noisy_latents, row_generators, time_ids
+from xling.train.noise import denoising_schedule, noisy_latents, row_generators, time_ids
 from xling.train.recipes.base import TrainStep, head_widths, load_teacher, student_encoder
 
 SUMMARY = "PEA-Diffusion: frozen student + MLP adapter, denoising + UNet feature + output KD (needs images)"
@@ -93,7 +97,9 @@ class PEAConfig(NoisedImagesConfig, RecipeConfig):
         None, "Offset-noise scale, noise += s * randn(B, C, 1, 1) (None: PEA's, 0.5 for SDXL, 0 otherwise)."
     )
     adapter_hidden: int | None = option(
-        None, "MLP adapter hidden width (None: PEA's, the student width for SDXL, 2048 for SD 1.x / 2.x)."
+        None,
+        "MLP adapter hidden width (None: PEA's, 2048 for SD 1.x / 2.x, the student width for SDXL and for the "
+        "transformer families, as PEA's newer SDXL script).",
     )
 
 
@@ -106,13 +112,13 @@ def _row_uniform(seed: int, batch: Batch, salt: str) -> Tensor:
 class PEAStep(TrainStep[PEAConfig]):
     """Trainable: the MLP adapter only (the student encoder is frozen)."""
 
-    _empty_teacher: Tensor | None = None
+    _empty_teacher: Conditioning | None = None
 
     def _denoise(
         self, z_t: Tensor, t: Tensor, conditioning: Conditioning, mask: Tensor | None, ids: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Noise prediction ``[B, C, h, w]`` and the tapped block outputs, in fp32."""
-        with FeatureTap(self.teacher.unet) as tap:
+        with FeatureTap(self.teacher.denoiser, self.teacher.feature_blocks()) as tap:
             pred = self.teacher.denoise(z_t, t, conditioning, attention_mask=mask, time_ids=ids)
             features = tap.take()
         return pred.float(), {k: v.float() for k, v in features.items()}
@@ -123,17 +129,18 @@ class PEAStep(TrainStep[PEAConfig]):
         if scale is None:
             scale = SDXL_NOISE_OFFSET if self.teacher.family == "sdxl" else 0.0
         if scale == 0.0:
-            return noise, self.teacher.scheduler.add_noise(z0, noise, t)
+            return noise, self.teacher.add_noise(z0, noise, t)
         gens = row_generators(self.config.seed, batch.step, batch.index, "noise_offset")
         offset = torch.stack([torch.randn(z0.shape[1], generator=g) for g in gens]).to(noise)
         noise = noise + scale * offset[:, :, None, None]
-        return noise, self.teacher.scheduler.add_noise(z0, noise, t)
+        return noise, self.teacher.add_noise(z0, noise, t)
 
-    def _empty_english(self) -> Tensor:
-        """The teacher's ``prompt_embeds`` of ``""`` ``[L, D]``, encoded once."""
+    def _empty_english(self) -> Conditioning:
+        """The teacher's conditioning of ``""`` (``prompt_embeds [1, L, D]``, its mask for PixArt / Sana), encoded
+        once."""
         if self._empty_teacher is None:
             with torch.no_grad():
-                self._empty_teacher = self.teacher.encode([""]).prompt_embeds[0]
+                self._empty_teacher = self.teacher.encode([""])
         return self._empty_teacher
 
     def _student(self, batch: Batch, drop: Tensor) -> Conditioning:
@@ -163,12 +170,19 @@ class PEAStep(TrainStep[PEAConfig]):
         with torch.no_grad():
             english = self.english(batch)
             if drop.any():
-                rows = drop.to(english.prompt_embeds.device)[:, None, None]
-                empty = self._empty_english().to(english.prompt_embeds)
+                rows = drop.to(english.prompt_embeds.device)
+                empty = self._empty_english()
+                mask = english.attention_mask
+                if mask is not None and empty.attention_mask is not None:
+                    mask = torch.where(rows[:, None], empty.attention_mask.to(mask), mask)
                 english = Conditioning(
-                    torch.where(rows, empty, english.prompt_embeds),
+                    torch.where(
+                        rows[:, None, None],
+                        empty.prompt_embeds.to(english.prompt_embeds),
+                        english.prompt_embeds,
+                    ),
                     english.pooled_prompt_embeds,
-                    english.attention_mask,
+                    mask,
                 )
             z0, noise, t, _ = noisy_latents(
                 teacher, batch, seed=c.seed, t_min=c.timestep_min, t_max=c.timestep_max, latents=c.latents
@@ -177,9 +191,7 @@ class PEAStep(TrainStep[PEAConfig]):
             ids = time_ids(teacher, batch, c.time_ids)  # SDXL [B, 6], the same for both passes
             pred_t, feats_t = self._denoise(z_t, t, english, None, ids)
         student = self._student(batch, drop)
-        pred_s, feats_s = self._denoise(
-            z_t, t, student, student.attention_mask if c.student_padding_mask else None, ids
-        )
+        pred_s, feats_s = self._denoise(z_t, t, student, self.student_mask(student), ids)
 
         culture = torch.zeros(len(batch), dtype=torch.bool, device=pred_s.device)
         if c.hybrid and batch.culture is not None:
@@ -199,8 +211,7 @@ class PEAStep(TrainStep[PEAConfig]):
                 noise=noise,
                 sample=z0,
                 timesteps=t,
-                alphas_cumprod=teacher.scheduler.alphas_cumprod,
-                prediction_type=teacher.prediction_type,
+                **denoising_schedule(teacher),
                 reduction="none",
             )
             terms["denoise"] = self._reduce(per_row, denoise_rows)
@@ -216,7 +227,7 @@ def build(config: PEAConfig, *, device: torch.device, dtype: torch.dtype) -> PEA
     widths = head_widths(teacher, config.student)
     hidden = config.adapter_hidden
     if hidden is None:
-        hidden = widths["student_width"] if teacher.family == "sdxl" else SD_HIDDEN
+        hidden = SD_HIDDEN if teacher.family in ("sd1", "sd2") else widths["student_width"]
     head = MLPAdapter(MLPAdapterConfig(**widths, hidden_width=hidden, pooled=config.pooled))
     encoder = student_encoder(config, head)
     encoder.set_trainable(backbone=False)
