@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--size", choices=["cpu", "full"], default="cpu", help="--family: small, or the released widths"
     )
     parser.add_argument(
+        "--latent", type=int, default=None, help="--family: latent side (default: 16 for cpu, 64 for full)"
+    )
+    parser.add_argument(
         "--teacher", help="a diffusers model dir whose unet/ to load (overrides --config's UNet)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         width = int(cfg.cross_attention_dim)
         teacher_len = 77
     else:
-        latent, channels = families.LATENT[args.size], families.latent_channels(family, unet)
+        latent, channels = args.latent or families.LATENT[args.size], families.latent_channels(family, unet)
         width, pooled_width = families.widths(family, unet)
         teacher_len = families.TEXT[family]
     student = build_student("tiny" if family else args.config, args.student_width, args.student_layers, width)
