@@ -400,7 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": batch,
         "latent": f"{cfg.in_channels}x{latent}x{latent}",
         "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention
+        "attention": "joint_dual_attention_mse (merged)"
+        if joint and args.attention == "kernel"
+        else "joint_dual_attention_mse_reference (concatenated)"
+        if joint
+        else args.attention
         if not (args.attention == "kernel" and not cuda and os.environ.get("TRITON_INTERPRET") != "1")
         else "kernel (reference fallback on CPU)",
         "memory": "cuda max_memory_allocated"
