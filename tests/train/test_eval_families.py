@@ -263,3 +263,19 @@ def test_eval_scores_a_family_teacher(tmp_path: Path, tiny_bert_path: Path, tiny
     assert agreement["latent_mse"] > 0  # a random head is not the teacher
     assert metrics["settings"]["guidance_scale"] == CALL_DEFAULTS["sd3"][1]
     assert (out / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("family", ["sana", "sd3"])
+def test_demo_draws_teacher_and_student_on_a_family_teacher(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_bert_path: Path, family: str
+) -> None:
+    from xling.train.demo import load_demo
+
+    adapter = _adapter(tmp_path / "adapter", tiny_bert_path, family)
+    model = load_demo(adapter, _path(request, family))
+    assert model.default_steps == CALL_DEFAULTS[family][0]
+    teacher, student = model.generate(ZH[0], "a red circle on the left", steps=2, seed=3, num_images=2)
+    # two 32 px images side by side, upscaled for the page
+    assert teacher.shape == student.shape and teacher.dtype == np.uint8
+    assert teacher.shape[1] == 2 * teacher.shape[0]
+    assert not np.array_equal(teacher, student)  # English teacher vs a random student head
