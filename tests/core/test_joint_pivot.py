@@ -330,3 +330,30 @@ def test_non_stock_processor_is_refused(sd3):
         assert type(sd3.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
     finally:
         attn.set_processor(original)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_losses_follow_fp32(model, dtype, tmp_path):
+    # a copy in the half dtype (the module fixtures stay fp32 for the other tests)
+    model.save_pretrained(tmp_path / "m")
+    half = type(model).from_pretrained(tmp_path / "m", torch_dtype=dtype).eval()
+    inputs = _inputs(model)
+    half_inputs = {
+        k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()
+    }
+    student = _student()
+    reference = torch.stack(_tapped_losses(model, inputs, student))
+    s = student.to(dtype).requires_grad_(True)
+    losses = _tapped_losses(half, half_inputs, s)
+    total = torch.stack([loss.float() for loss in losses])
+    assert all(torch.isfinite(loss) for loss in losses)
+    torch.testing.assert_close(total, reference, rtol=0.1, atol=1e-3)
+    total.sum().backward()
+    assert s.grad is not None and s.grad.dtype == dtype and torch.isfinite(s.grad).all()
+    with torch.no_grad():
+        # the English output still flows as the stock half-precision forward
+        stock = half(**half_inputs)[0]
+        with JointPivotTap(half) as tap:
+            tap.set_student(s.detach())
+            tapped = half(**half_inputs)[0]
+    torch.testing.assert_close(tapped.float(), stock.float(), rtol=2e-2, atol=2e-2)
