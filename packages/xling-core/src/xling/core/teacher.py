@@ -25,13 +25,17 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from xling.core.conditioning import Conditioning
 from xling.core.features import pea_blocks
+
+if TYPE_CHECKING:
+    from xling.core.joint_pivot import JointPivotTap
+    from xling.core.pivot import AttentionFn, PivotTap
 
 Family = Literal["sd1", "sd2", "sdxl", "pixart", "sana", "sd3", "flux"]
 
@@ -755,7 +759,9 @@ class Teacher:
             return None
         return caption_context_module(self.denoiser)
 
-    def pivot_tap(self, attention_fn: Any = None, *, fused: bool = False) -> Any:
+    def pivot_tap(
+        self, attention_fn: AttentionFn | None = None, *, fused: bool = False
+    ) -> PivotTap | JointPivotTap:
         """The family's pivot tap on the denoiser (docs/families.md), not yet installed.
 
         UNets, PixArt, Sana: :class:`~xling.core.PivotTap` on every ``attn2`` (after the frozen caption projection
