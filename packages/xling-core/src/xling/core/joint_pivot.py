@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from xling.core.pivot import AttentionFn, _outside_autograd, _takes_keyword
+from xling.core.pivot import AttentionFn, TapRecords, _outside_autograd, _takes_keyword, check_student
 
 INFERENCE_MODE_MESSAGE = (
     "JointPivotTap cannot build the student's graph under torch.inference_mode() (inference tensors cannot be "
@@ -375,7 +375,7 @@ class JointAttnTapProcessor:
         return torch.cat([_flat(o_en), _flat(o1)], dim=1).to(image_qkv[0].dtype)
 
 
-class JointPivotTap:
+class JointPivotTap(TapRecords):
     """Context manager for the MMDiT pivot on a diffusers SD3 / Flux transformer (see the module docstring).
 
     Installs a :class:`JointAttnTapProcessor` on the joint attention of every MMDiT block and hooks that carry
@@ -533,26 +533,12 @@ class JointPivotTap:
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
-        if not isinstance(prompt_embeds, Tensor):
-            raise TypeError(f"`prompt_embeds` must be a Tensor, got {type(prompt_embeds).__name__}")
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be [B, L, D], got {tuple(prompt_embeds.shape)}")
+        attention_mask = check_student(prompt_embeds, attention_mask)
         if self.joint_attention_dim is not None and prompt_embeds.shape[-1] != self.joint_attention_dim:
             raise ValueError(
                 f"student prompt_embeds width {prompt_embeds.shape[-1]} does not fit the teacher's "
                 f"joint_attention_dim {self.joint_attention_dim} (context_embedder input)"
             )
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor):
-                raise TypeError(
-                    f"`attention_mask` must be a Tensor or None, got {type(attention_mask).__name__}"
-                )
-            if tuple(attention_mask.shape) != tuple(prompt_embeds.shape[:2]):
-                raise ValueError(
-                    f"`attention_mask` must be [B, L] = {tuple(prompt_embeds.shape[:2])}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask.to(device=prompt_embeds.device, dtype=torch.bool)
         self._student, self._student_mask = prompt_embeds, attention_mask
         self.clear()
 
@@ -560,10 +546,6 @@ class JointPivotTap:
         """Forget the student: the transformer behaves exactly as stock again."""
         self._student = self._student_mask = self._text = None
         self._steps = {}
-
-    def clear(self) -> None:
-        """Drop recorded pairs / losses (frees the student graphs they hold)."""
-        self.pairs, self.losses, self.recorded_layers = [], [], []
 
     def _attend(
         self,
@@ -580,13 +562,6 @@ class JointPivotTap:
         if self.takes_mask1:
             return self.attention_fn(q, k_img, v_img, k1, v1, k2, v2, mask1=None, mask2=mask2, scale=None)
         return self.attention_fn(q, k_img, v_img, k1, v1, k2, v2, mask2=mask2, scale=None)
-
-    def _record(self, name: str, o1: Tensor, second: Tensor) -> None:
-        self.recorded_layers.append(name)
-        if self.fused:
-            self.losses.append(second)
-        else:
-            self.pairs.append((o1, second))
 
     # ------------------------------------------------------------------ hooks: the student's text stream
 

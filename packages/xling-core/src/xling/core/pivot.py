@@ -279,6 +279,52 @@ def _outside_autograd(*modules: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def check_student(prompt_embeds: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+    """The input checks every tap's ``set_student`` makes before its own width check; returns the mask as bool.
+
+    Args:
+        prompt_embeds: ``[B, L, D]`` student embeddings.
+        attention_mask: ``[B, L]`` key padding mask (True / 1 = attend), or ``None``.
+
+    Raises:
+        TypeError: not tensors.
+        ValueError: wrong rank or mask shape; the message names both shapes.
+    """
+    if not isinstance(prompt_embeds, Tensor):
+        raise TypeError(f"`prompt_embeds` must be a Tensor, got {type(prompt_embeds).__name__}")
+    if prompt_embeds.ndim != 3:
+        raise ValueError(f"`prompt_embeds` must be [B, L, D], got {tuple(prompt_embeds.shape)}")
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"`attention_mask` must be a Tensor or None, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(prompt_embeds.shape[:2]):
+        raise ValueError(
+            f"`attention_mask` must be [B, L] = {tuple(prompt_embeds.shape[:2])}, got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.to(device=prompt_embeds.device, dtype=torch.bool)
+
+
+class TapRecords:
+    """What a pivot tap records per tapped layer, in call order: ``pairs`` (``fused=False``) or ``losses``."""
+
+    fused: bool
+    pairs: list[tuple[Tensor, Tensor]]
+    losses: list[Tensor]
+    recorded_layers: list[str]
+
+    def clear(self) -> None:
+        """Drop recorded pairs / losses (frees the student graphs they hold)."""
+        self.pairs, self.losses, self.recorded_layers = [], [], []
+
+    def _record(self, name: str, o1: Tensor, second: Tensor) -> None:
+        self.recorded_layers.append(name)
+        if self.fused:
+            self.losses.append(second)
+        else:
+            self.pairs.append((o1, second))
+
+
 class PivotAttnProcessor(nn.Module):
     """Cross-attention processor of :class:`PivotTap`: wraps the layer's own processor (diffusers call convention).
 
@@ -454,7 +500,7 @@ class PivotAttnProcessor(nn.Module):
         return o1, query.dtype
 
 
-class PivotTap:
+class PivotTap(TapRecords):
     """Context manager that wraps the processor of every cross-attention layer of a UNet in a
     :class:`PivotAttnProcessor`.
 
@@ -619,10 +665,7 @@ class PivotTap:
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
-        if not isinstance(prompt_embeds, Tensor):
-            raise TypeError(f"`prompt_embeds` must be a Tensor, got {type(prompt_embeds).__name__}")
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be [B, L, D], got {tuple(prompt_embeds.shape)}")
+        attention_mask = check_student(prompt_embeds, attention_mask)
         width = prompt_embeds.shape[-1]
         if self.conditioning_dim is not None and width != self.conditioning_dim:
             if self.context_module is not None:
@@ -641,17 +684,6 @@ class PivotTap:
                 f"student prompt_embeds width {width} does not fit the teacher's "
                 f"cross_attention_dim {self.cross_attention_dim}{hint}"
             )
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor):
-                raise TypeError(
-                    f"`attention_mask` must be a Tensor or None, got {type(attention_mask).__name__}"
-                )
-            if tuple(attention_mask.shape) != tuple(prompt_embeds.shape[:2]):
-                raise ValueError(
-                    f"`attention_mask` must be [B, L] = {tuple(prompt_embeds.shape[:2])}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask.to(device=prompt_embeds.device, dtype=torch.bool)
         self._student = (prompt_embeds, attention_mask)
         self._context = None
         self.clear()
@@ -681,10 +713,6 @@ class PivotTap:
                 self._context = self.context_module(embeds.to(dtype=dtype))
         return self._context, mask
 
-    def clear(self) -> None:
-        """Drop recorded pairs / losses (frees the student graphs they hold)."""
-        self.pairs, self.losses, self.recorded_layers = [], [], []
-
     def _attend(
         self,
         layer: str,
@@ -706,10 +734,3 @@ class PivotTap:
                 )
             return self.attention_fn(q, k1, v1, k2, v2, mask2=mask2, scale=None)
         return self.attention_fn(q, k1, v1, k2, v2, mask1=mask1, mask2=mask2, scale=None)
-
-    def _record(self, name: str, o1: Tensor, second: Tensor) -> None:
-        self.recorded_layers.append(name)
-        if self.fused:
-            self.losses.append(second)
-        else:
-            self.pairs.append((o1, second))
