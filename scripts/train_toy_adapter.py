@@ -1,5 +1,8 @@
 """Write the committed toy adapter ``toyworld/assets/adapter-iap/``: the one ``xling demo`` serves by default.
 
+With ``--teacher toy-mmdit`` it writes ``toyworld/assets/adapter-iap-mmdit/`` from ``xling train iap --teacher
+toy-mmdit`` instead, the adapter ``xling demo --teacher toy-mmdit`` serves.
+
 It is the adapter the shipped toy config trains: ``xling train iap`` with no other option (the toy teacher,
 the MLM-pretrained toy student, the ``toy:`` section of the shipped ``iap.yaml``: 300 steps, seed 0; about seven
 minutes on two shared CPU cores, plus the end-of-run evaluation), run into a temporary folder, whose ``adapter/``
@@ -32,8 +35,8 @@ from pathlib import Path
 
 from xling.adapters.encoder import LanguageEncoder
 from xling.train.cli import main as xling
-from xling.train.demo import TOY_ADAPTER_DIR
-from xling.train.toyworld.names import TOY, TOY_STUDENTS, resolve_student
+from xling.train.demo import TOY_ADAPTER_DIR, TOY_MMDIT_ADAPTER_DIR
+from xling.train.toyworld.names import TOY, TOY_MMDIT, TOY_STUDENTS, TOY_TEACHERS, resolve_student
 
 
 def _portable(adapter: Path) -> None:
@@ -68,15 +71,16 @@ def _check_portable(adapter: Path, *roots: Path) -> None:
                     raise SystemExit(f"{path} names {root}, a folder of this machine; it cannot be committed")
 
 
-def _check_run(run: Path) -> str:
+def _check_run(run: Path, teacher: str = TOY) -> str:
     """The run's recipe; a run of another recipe, teacher or student than the toy IAP default is refused."""
     import yaml
 
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    expected = {"recipe": "iap", "teacher": TOY, "student": TOY}
+    expected = {"recipe": "iap", "teacher": teacher, "student": TOY}
     wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
     if wrong:
-        raise SystemExit(f"{run} is not a toy IAP run ({wrong}); train it with `xling train iap` alone")
+        command = "xling train iap" + ("" if teacher == TOY else f" --teacher {teacher}")
+        raise SystemExit(f"{run} is not a toy IAP run ({wrong}); train it with `{command}` alone")
     return str(config["recipe"])
 
 
@@ -91,11 +95,12 @@ def _record_recipe(adapter: Path, recipe: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Train (or take ``--from-run``) the toy IAP run and write its adapter to ``--out``; returns the status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", choices=TOY_TEACHERS, default=TOY, help="the toy teacher (default: toy)")
     parser.add_argument(
         "--out",
         type=Path,
-        default=TOY_ADAPTER_DIR,
-        help="adapter folder to write (default: the package asset)",
+        default=None,
+        help="adapter folder to write (default: the package asset of --teacher)",
     )
     parser.add_argument("--keep-run", type=Path, default=None, help="train into this run folder and keep it")
     parser.add_argument(
@@ -105,16 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         help="do not train: package this finished run of `xling train iap` (no other option given)",
     )
     args = parser.parse_args(argv)
+    args.out = args.out or (TOY_MMDIT_ADAPTER_DIR if args.teacher == TOY_MMDIT else TOY_ADAPTER_DIR)
 
     with tempfile.TemporaryDirectory(prefix="xling-toy-adapter-") as tmp:
         if args.from_run is not None:
             run = args.from_run
         else:
             run = args.keep_run or Path(tmp) / "run"
-            status = xling(["train", "iap", "--output_dir", str(run), "--overwrite"])
+            status = xling(
+                ["train", "iap", "--teacher", args.teacher, "--output_dir", str(run), "--overwrite"]
+            )
             if status:
                 return status
-        recipe = _check_run(run)
+        recipe = _check_run(run, args.teacher)
         staged = Path(tmp) / "adapter"
         shutil.copytree(run / "adapter", staged)
         _portable(staged)

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,82 @@ def caption_ids(tokenizer, scenes: list[world.Scene], seed: int) -> tuple[torch.
     return ids, enc([""])[0]
 
 
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` down to 10% of it at ``total``."""
+    if step < warmup:
+        return peak * min(1.0, (step + 1) / warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def draw_batch(
+    gen: torch.Generator,
+    bank: torch.Tensor,
+    ids: torch.Tensor,
+    empty: torch.Tensor,
+    batch_size: int,
+    cond_dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch: images ``[B, 3, H, W]`` of the bank ``[S, R, 3, H, W]`` and the token ids ``[B, L]`` of one
+    of each image's scene's captions ``[S, K, L]``, a ``cond_dropout`` share of them the empty prompt ``[L]``."""
+    device, b = bank.device, batch_size
+    si = torch.randint(bank.shape[0], (b,), device=device, generator=gen)
+    ri = torch.randint(bank.shape[1], (b,), device=device, generator=gen)
+    ki = torch.randint(ids.shape[1], (b,), device=device, generator=gen)
+    drop = torch.rand(b, device=device, generator=gen) < cond_dropout
+    return bank[si, ri], torch.where(drop[:, None], empty[None], ids[si, ki])
+
+
+def ema_update(pairs: list[tuple[torch.Tensor, torch.Tensor]], step: int, decay: float) -> None:
+    """``ema <- lerp(ema, weight, 1 - d)`` for each ``(ema, weight)`` pair, with ``d`` warmed up to ``decay``."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1 - d)
+
+
+def run_steps(
+    train_step: Callable[[int, int], float],
+    args: argparse.Namespace,
+    device: torch.device,
+    after_step: Callable[[int], dict | None] | None = None,
+) -> tuple[int, list[dict], float]:
+    """Run ``train_step(step, total)`` ``args.steps`` times, or as many as fit ``args.time_budget_s``.
+
+    With a time budget, steps 10..40 are timed (the first ones pay for allocator warm-up and cuDNN autotuning)
+    and the count is fixed from them, so ``--steps N`` with the N the log reports reproduces the run. Every
+    ``args.log_every`` steps the loss is logged; ``after_step(step)`` may add a record of its own.
+
+    Returns:
+        ``(steps run, log records, wall time in seconds)``.
+    """
+    total, first = args.steps, 0
+    start = time.time()
+    log: list[dict] = []
+    if args.time_budget_s is not None:
+        first = 40
+        for i in range(first):
+            if i == 10:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t10 = time.time()
+            train_step(i, total)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = (time.time() - t10) / (first - 10)
+        left = args.time_budget_s - (time.time() - start)
+        total = max(first + 1, min(args.steps, int(left / per_step) + first))
+        print(f"{per_step * 1000:.1f} ms/step -> {total} steps", flush=True)
+    for step in range(first, total):
+        loss = train_step(step, total)
+        if step % args.log_every == 0:
+            log.append({"step": step, "loss": round(loss, 5), "time_s": round(time.time() - start, 1)})
+            print(log[-1], flush=True)
+        record = after_step(step) if after_step is not None else None
+        if record:
+            log.append(record)
+            print(record, flush=True)
+    return total, log, time.time() - start
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -118,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
     bank = bank.to(device)  # [S, R, 3, H, W]
     ids, empty = caption_ids(tokenizer, scenes, args.seed)
     ids, empty = ids.to(device), empty.to(device)  # [S, K, L], [L]
-    n_scenes, n_renders, n_caps = bank.shape[0], bank.shape[1], ids.shape[1]
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -141,21 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def train_step(step: int, total: int) -> float:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        if step >= args.warmup:  # cosine to 10% of the peak
-            lr = args.lr * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, total - args.warmup)))
-            )
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = learning_rate(step, total, args.lr, args.warmup)
         b = args.batch_size
-        si = torch.randint(n_scenes, (b,), device=device, generator=gen)
-        ri = torch.randint(n_renders, (b,), device=device, generator=gen)
-        ki = torch.randint(n_caps, (b,), device=device, generator=gen)
-        x0 = bank[si, ri]  # [B, 3, H, W]
-        tok = ids[si, ki]  # [B, L]
-        drop = torch.rand(b, device=device, generator=gen) < args.cond_dropout
-        tok = torch.where(drop[:, None], empty[None], tok)
+        x0, tok = draw_batch(gen, bank, ids, empty, b, args.cond_dropout)  # [B, 3, H, W], [B, L]
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         a = alphas[t].view(b, 1, 1, 1)
@@ -169,35 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_([e for e, _ in ema_pairs], [p.detach() for _, p in ema_pairs], 1 - decay)
+        ema_update(ema_pairs, step, args.ema_decay)
         return loss.item() if step % args.log_every == 0 else float("nan")
 
-    total = args.steps
-    start = time.time()
-    log: list[dict] = []
-    if args.time_budget_s is not None:
-        # Time steps 10..40 only: the first ones pay for cuDNN autotuning and allocator warm-up.
-        probe = 40
-        for i in range(probe):
-            if i == 10:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t10 = time.time()
-            train_step(i, total)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        per_step = (time.time() - t10) / (probe - 10)
-        total = max(probe + 1, min(args.steps, int(args.time_budget_s / per_step)))
-        print(f"{per_step * 1000:.1f} ms/step -> {total} steps", flush=True)
-    first = probe if args.time_budget_s is not None else 0
-    for step in range(first, total):
-        loss = train_step(step, total)
-        if step % args.log_every == 0:
-            log.append({"step": step, "loss": loss, "time_s": round(time.time() - start, 1)})
-            print(log[-1], flush=True)
-    train_time = time.time() - start
+    total, log, train_time = run_steps(train_step, args, device)
 
     tokenizer_dir = args.out / "tokenizer"
     pipe = StableDiffusionPipeline(

@@ -28,6 +28,7 @@ back-propagated, MSE on every tapped layer's image-token attention output.
 Usage::
 
     uv run python benchmarks/train/bench_iap_step.py --config toy             # CPU, the toy teacher
+    uv run python benchmarks/train/bench_iap_step.py --config toy-mmdit       # CPU, the toy MMDiT teacher
     python benchmarks/train/bench_iap_step.py --config sd15 --device cuda     # SD1.5 UNet, fp16, random
     uv run python benchmarks/train/bench_iap_step.py --family sd3             # CPU, a small random SD3
 """
@@ -189,7 +190,13 @@ def pin_glibc_mmap_threshold() -> bool:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=["toy", "sd15", "tiny"], default="toy")
+    parser.add_argument(
+        "--config",
+        choices=["toy", "toy-mmdit", "sd15", "tiny"],
+        default="toy",
+        help="toy: the committed toy UNet teacher; toy-mmdit: the committed toy SD3-family teacher (its joint "
+        "attention pivot); sd15 / tiny: a random UNet",
+    )
     parser.add_argument(
         "--family",
         choices=["pixart", "sana", "sd3", "flux"],
@@ -236,18 +243,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     family = args.family
-    unet = build_unet(args.config, args.teacher) if family is None else families.build(family, args.size)
+    toy_mmdit = args.config == "toy-mmdit" and family is None
+    if toy_mmdit:
+        from diffusers import SD3Transformer2DModel
+
+        from xling.train.toyworld import mmdit
+
+        family = "sd3"
+        unet = SD3Transformer2DModel.from_pretrained(mmdit.mmdit_teacher_path(), subfolder="transformer")
+    elif family is None:
+        unet = build_unet(args.config, args.teacher)
+    else:
+        unet = families.build(family, args.size)
     unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     cfg = unet.config
     if family is None:
         latent, channels, pooled_width = int(cfg.sample_size), int(cfg.in_channels), None
         width = int(cfg.cross_attention_dim)
         teacher_len = 77
+    elif toy_mmdit:  # pixel space; the teacher's prompt is its 16 CLIP tokens + the zero T5 ones
+        latent, channels = int(cfg.sample_size), int(cfg.in_channels)
+        width, pooled_width = families.widths(family, unet)
+        teacher_len = 16 + mmdit.T5_TOKENS
     else:
         latent, channels = args.latent or families.LATENT[args.size], families.latent_channels(family, unet)
         width, pooled_width = families.widths(family, unet)
         teacher_len = families.TEXT[family]
-    student = build_student("tiny" if family else args.config, args.student_width, args.student_layers, width)
+    student_kind = "toy" if toy_mmdit else "tiny" if family else args.config
+    student = build_student(student_kind, args.student_width, args.student_layers, width)
     student = student.to(device)  # fp32 trainable
     vocab, positions = student.bert.config.vocab_size, student.bert.config.max_position_embeddings
     text_len = args.text_len or min(77, positions)
@@ -391,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device)
         if cuda
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "config": (f"{family} ({args.size})" if family else args.config)
+        "config": (args.config if toy_mmdit else f"{family} ({args.size})" if family else args.config)
         if args.teacher is None
         else f"unet from {args.teacher}",
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),

@@ -626,3 +626,57 @@ def test_bad_constructor_arguments(loaded):
             text_encoders=[pipe.text_encoder],
             family="flux",
         )
+
+
+# ---------------------------------------------------------------------------------------------- SD3 without T5
+
+
+def _drop_t5(path, out):
+    """A copy of the SD3 folder with T5 dropped as diffusers saves it: both slots ``[null, null]``."""
+    import json
+
+    shutil.copytree(path, out, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((out / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (out / "model_index.json").write_text(json.dumps(index))
+    return out
+
+
+def test_sd3_without_t5_encodes_as_the_pipeline(tiny_sd3_path, tmp_path):
+    """SD3 with T5 dropped (diffusers' documented memory saver): zeros of the transformer's width stand in
+    for T5's states, ``max_sequence_length`` of them, exactly as the pipeline appends."""
+    from diffusers import StableDiffusion3Pipeline
+
+    path = _drop_t5(tiny_sd3_path, tmp_path / "no-t5")
+    assert missing_components(path) == []
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+        PROMPTS, None, None, device="cpu", max_sequence_length=5
+    )
+    for teacher in (
+        Teacher.from_pretrained(path, max_sequence_length=5),
+        Teacher.from_pipeline(pipe, max_sequence_length=5),
+    ):
+        assert len(teacher.text_encoders) == 2 and teacher.max_length == 77 + 5
+        cond, uncond = teacher.encode(PROMPTS), teacher.encode_unconditional(2)
+        assert cond.prompt_embeds.shape == (2, 77 + 5, 48)
+        assert_close(cond.prompt_embeds, embeds)
+        assert_close(cond.pooled_prompt_embeds, pooled)
+        assert_close(uncond.prompt_embeds, neg)
+        assert_close(uncond.pooled_prompt_embeds, neg_pooled)
+        assert torch.count_nonzero(cond.prompt_embeds[:, 77:]) == 0
+
+
+def test_sd3_half_dropped_t5_is_incomplete(tiny_sd3_path, tmp_path):
+    """Only the T5 pair together may be dropped: a null ``text_encoder_3`` beside a declared tokenizer is a
+    broken folder, reported as such."""
+    import json
+
+    path = _drop_t5(tiny_sd3_path, tmp_path / "half")
+    index = json.loads((path / "model_index.json").read_text())
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(tiny_sd3_path / "tokenizer_3", path / "tokenizer_3")
+    assert missing_components(path) == ["text_encoder_3"]
+    with pytest.raises(FileNotFoundError, match="missing text_encoder_3"):
+        Teacher.from_pretrained(path)

@@ -53,3 +53,15 @@ def test_bench_iap_step_runs_on_each_transformer_family(family: str) -> None:
     assert info["cross_attention_layers"] == 4
     for result in methods.values():
         assert result["samples_per_s"] > 0 and result["loss"] > 0
+
+
+def test_bench_iap_step_runs_on_the_toy_mmdit_teacher() -> None:
+    """``--config toy-mmdit``: the committed toy MMDiT transformer, its 17-token prompt, the toy student."""
+    bench = _load()
+    argv = ["--config", "toy-mmdit", "--device", "cpu", "--batch-size", "1", "--text-len", "8"]
+    argv += ["--iters", "1", "--warmup", "0", "--attention", "reference"]
+    info = bench.main(argv)
+    assert info["config"] == "toy-mmdit" and info["latent"] == "3x32x32"
+    assert info["cross_attention_layers"] == 4  # every joint block of the toy teacher
+    for result in info["results"]:
+        assert result["samples_per_s"] > 0 and result["loss"] > 0

@@ -203,6 +203,24 @@ def test_format_percent() -> None:
     assert ev.format_percent(float("nan")) == "n/a"
 
 
+def test_bootstrap_interval() -> None:
+    # Every image right (or wrong): no resample can differ.
+    assert ev.bootstrap_interval([True] * 10) == (1.0, 1.0)
+    assert ev.bootstrap_interval([False] * 10) == (0.0, 0.0)
+    verdicts = ([True] * 15 + [False]) * 3  # 93.75% over 48 images
+    low, high = ev.bootstrap_interval(verdicts)
+    assert low < 45 / 48 < high <= 1.0 and 0.03 < (high - low) / 2 < 0.08  # binomial: ~3.5 points a side
+    assert ev.bootstrap_interval(verdicts) == (low, high)  # seeded
+    wider = ev.bootstrap_interval(verdicts[:16])  # the same rate on fewer images: a wider interval
+    assert wider[1] - wider[0] > high - low
+    # A ratio over paired rows: the student right exactly where the teacher is gives 1.0 on every draw.
+    teacher = [True] * 40 + [False] * 8
+    assert ev.bootstrap_interval(teacher, teacher) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in ev.bootstrap_interval([True], [False]))
+    assert all(math.isnan(x) for x in ev.bootstrap_interval([]))
+    assert ev.format_interval([0.875, 1.0]) == "87.5-100.0%" and ev.format_interval(None) == ""
+
+
 def test_read_prompt_pairs(tmp_path: Path) -> None:
     good = tmp_path / "pairs.jsonl"
     good.write_text('{"en": "a red circle", "zh": "红色的圆形"}\n\n{"en": "a square", "zh": "正方形"}\n')

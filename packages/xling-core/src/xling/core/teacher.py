@@ -141,6 +141,15 @@ def _declared(index: Mapping[str, Any] | None, name: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
+#: SD3's T5 may be dropped, as diffusers documents: ``model_index.json`` then lists both as ``[null, null]``.
+_DROPPABLE_T5: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")
+
+
+def _t5_dropped(index: Mapping[str, Any] | None) -> bool:
+    """Whether an SD3 ``model_index.json`` records its T5 as dropped (both slots present and ``[null, null]``)."""
+    return index is not None and all(name in index and not _declared(index, name) for name in _DROPPABLE_T5)
+
+
 def _family_of_class(name: str) -> str | None:
     """The transformer family a pipeline or transformer class name belongs to; ``None`` for anything else."""
     if name.startswith("PixArt"):
@@ -189,7 +198,8 @@ def missing_components(path_or_id: str | os.PathLike[str]) -> list[str]:
     A component counts as present when ``model_index.json`` declares it and its subfolder exists and is not empty.
     What is required depends on the family: ``unet`` for SD 1.x / 2.x / SDXL (+ the second text encoder and
     tokenizer of SDXL), ``transformer`` for PixArt / Sana / SD3 / Flux, with SD3's three and Flux's two text
-    encoders and tokenizers.
+    encoders and tokenizers. SD3's T5 may be dropped as diffusers documents (``text_encoder_3`` and
+    ``tokenizer_3`` both ``[null, null]``); the teacher then appends zeros in its place, as the pipeline does.
 
     Args:
         path_or_id: a local diffusers model directory (a Hub id is not checked here: its loaders report).
@@ -208,6 +218,8 @@ def missing_components(path_or_id: str | os.PathLike[str]) -> list[str]:
     else:
         required = _REQUIRED + (_REQUIRED_SDXL if _is_sdxl(index, root) else ())
     for name in required:
+        if family == "sd3" and name in _DROPPABLE_T5 and _t5_dropped(index):
+            continue
         folder = root / name
         on_disk = folder.is_dir() and any(folder.iterdir())
         if not on_disk or (index is not None and not _declared(index, name)):
@@ -398,6 +410,8 @@ class Teacher:
                 "give the denoiser as `denoiser` (or, for the UNet families, `unet`), exactly once"
             )
         expected = len(_SUFFIXES[family])
+        if family == "sd3" and len(tokenizers) == len(text_encoders) == 2:
+            expected = 2  # T5 dropped: the pipeline appends zeros in its place
         if len(tokenizers) != expected or len(text_encoders) != expected:
             raise ValueError(
                 f"a {family} teacher needs {expected} tokenizer(s) and text encoder(s), "
@@ -522,6 +536,8 @@ class Teacher:
 
         tokenizers, text_encoders = [], []
         for suffix, fallback in zip(_SUFFIXES[family], _TEXT_ENCODER_FALLBACK[family], strict=True):
+            if family == "sd3" and suffix == "_3" and _t5_dropped(index):
+                continue
             tok_cls = _library_class("transformers", cls_name(f"tokenizer{suffix}"), "AutoTokenizer")
             tokenizers.append(tok_cls.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs))
             te_cls = _library_class("transformers", cls_name(f"text_encoder{suffix}"), fallback)
@@ -600,6 +616,8 @@ class Teacher:
         if family not in _FAMILIES:
             raise ValueError(f"`family` must be one of {', '.join(map(repr, _FAMILIES))}, got {family!r}")
         suffixes = _SUFFIXES[family]
+        if family == "sd3" and pipe.text_encoder_3 is None:
+            suffixes = suffixes[:2]  # T5 dropped
         if max_sequence_length is None and type(pipe).__name__.startswith("PixArtSigma"):
             max_sequence_length = _PIXART_SIGMA_SEQUENCE_LENGTH
         return cls(
@@ -914,8 +932,12 @@ class Teacher:
             pooled.append(out[0])
             index = -2 if clip_skip is None else -(clip_skip + 2)
             hidden.append(out.hidden_states[index].to(dtype=self.text_encoders[0].dtype, device=self.device))
-        t5 = self._t5_states(self.tokenizers[2], self.text_encoders[2], prompts)
         clip = torch.cat(hidden, dim=-1)
+        if len(self.text_encoders) == 3:
+            t5 = self._t5_states(self.tokenizers[2], self.text_encoders[2], prompts)
+        else:  # T5 dropped: zeros of the transformer's width, as the pipeline's _get_t5_prompt_embeds
+            width = int(self.denoiser.config.joint_attention_dim)
+            t5 = clip.new_zeros(len(prompts), int(self.max_sequence_length or 0), width)
         # as the pipeline: F.pad to the T5 width (a CLIP concat wider than T5 would be cut, as there)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat([p.to(self.device) for p in pooled], dim=-1)

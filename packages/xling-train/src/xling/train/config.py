@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from xling.train.toyworld.names import TOY
+from xling.train.toyworld.names import TOY, is_toy_teacher
 
 #: Directory holding one YAML per recipe (also reachable through the repository's root ``configs`` symlink).
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -110,7 +110,11 @@ class RecipeConfig:
     """Fields every recipe shares: models, loop, optimizer, logging, checkpoints."""
 
     recipe: str = option("", "Recipe name (set from the recipe that loads the config).")
-    teacher: str = option(TOY, "Teacher diffusers directory or Hub id ('toy': the committed toy teacher).")
+    teacher: str = option(
+        TOY,
+        "Teacher diffusers directory or Hub id ('toy': the committed toy UNet teacher; 'toy-mmdit': the "
+        "committed toy SD3-family MMDiT teacher).",
+    )
     student: str = option(
         TOY,
         "Student encoder directory or Hub id ('toy': the MLM-pretrained toy student; 'toy-random', 'toy-aligned').",
@@ -440,7 +444,7 @@ def load_config(
         apply_overrides(config, source)
     explicit |= {k for k, _ in override_items(overrides)}
     apply_overrides(config, overrides)
-    if config.teacher == TOY:
+    if is_toy_teacher(config.teacher):
         # The toy world's sizes and learning rates, for every key the caller did not set.
         apply_overrides(config, {k: v for k, v in toy.items() if k not in explicit})
     return _finish(recipe, config)
@@ -449,7 +453,7 @@ def load_config(
 def _finish(recipe: str, config: C) -> C:
     config.recipe = recipe
     config.output_dir = config.output_dir or f"runs/{recipe}"
-    if config.data.path is None and config.teacher == TOY:
+    if config.data.path is None and is_toy_teacher(config.teacher):
         # The toy teacher's own data; a real teacher's stays unset: its rows come from --data or the caller
         # (run_recipe(train_data=...)), never silently from the toy world.
         config.data.path = TOY

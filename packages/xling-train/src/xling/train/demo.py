@@ -44,13 +44,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.train.toyworld.names import TOY
+from xling.train.toyworld.names import TOY, TOY_MMDIT, is_toy_teacher
 
 if TYPE_CHECKING:
     import gradio as gr
 
 #: The committed toy adapter (``scripts/train_toy_adapter.py``): IAP on the toy world, the demo's default.
 TOY_ADAPTER_DIR = Path(__file__).resolve().parent / "toyworld" / "assets" / "adapter-iap"
+#: The committed toy IAP adapter of the toy MMDiT teacher, served by ``xling demo --teacher toy-mmdit``.
+TOY_MMDIT_ADAPTER_DIR = TOY_ADAPTER_DIR.with_name("adapter-iap-mmdit")
 
 #: ``--adapter toy``: the committed toy adapter.
 TOY_ADAPTER = TOY
@@ -218,7 +220,7 @@ def _display_path(name: str) -> str:
 
 def _adapter_name(name: str) -> str:
     """What the page and the console call the adapter ``name``."""
-    if Path(name) == TOY_ADAPTER_DIR:
+    if Path(name) in (TOY_ADAPTER_DIR, TOY_MMDIT_ADAPTER_DIR):
         return "toy (the committed IAP adapter)"
     return _display_path(name)
 
@@ -567,19 +569,25 @@ def _whole(value: Any, name: str, low: int, high: int) -> int:
     return int(number)
 
 
-def resolve_adapter(adapter: str | os.PathLike[str] | None) -> str:
-    """The adapter to load: ``None`` or ``"toy"`` -> the committed toy adapter; a folder or Hub id as is.
+def resolve_adapter(
+    adapter: str | os.PathLike[str] | None, teacher: str | os.PathLike[str] | None = None
+) -> str:
+    """The adapter to load: ``None`` or ``"toy"`` -> the committed toy adapter of ``teacher`` (the toy MMDiT
+    one's for ``"toy-mmdit"``, else the UNet one's); a folder or Hub id as is.
 
     Raises:
         FileNotFoundError: the toy adapter was asked for and is missing from the installed package.
     """
     if adapter is None or os.fspath(adapter) == TOY_ADAPTER:
-        if not (TOY_ADAPTER_DIR / "config.json").is_file():
+        mmdit = teacher is not None and os.fspath(teacher) == TOY_MMDIT
+        directory = TOY_MMDIT_ADAPTER_DIR if mmdit else TOY_ADAPTER_DIR
+        if not (directory / "config.json").is_file():
             raise FileNotFoundError(
-                f"the committed toy adapter is missing at {TOY_ADAPTER_DIR}; write it with "
-                "scripts/train_toy_adapter.py, or pass --adapter with a trained adapter folder"
+                f"the committed toy adapter is missing at {directory}; write it with "
+                f"scripts/train_toy_adapter.py{' --teacher toy-mmdit' if mmdit else ''}, or pass --adapter "
+                "with a trained adapter folder"
             )
-        return str(TOY_ADAPTER_DIR)
+        return str(directory)
     return os.fspath(adapter)
 
 
@@ -606,8 +614,10 @@ def load_demo(
     """Load what the page runs: the adapter, its teacher's pipeline, the facts and the examples.
 
     Args:
-        adapter: An adapter folder or Hub id; ``None`` or ``"toy"``: the committed toy adapter.
-        teacher: ``"toy"``, a diffusers folder or Hub id; ``None``: the teacher the adapter records.
+        adapter: An adapter folder or Hub id; ``None`` or ``"toy"``: the committed toy adapter (of the toy
+            MMDiT teacher for ``teacher="toy-mmdit"``).
+        teacher: ``"toy"``, ``"toy-mmdit"``, a diffusers folder or Hub id; ``None``: the teacher the adapter
+            records.
         device: Torch device of the student and the pipeline.
         student_path: Where the adapter's base student lives now, when it moved (frozen and LoRA adapters).
         variant: Teacher weight-file variant (``"fp16"``).
@@ -625,7 +635,7 @@ def load_demo(
     )
 
     start = time.perf_counter()
-    name = resolve_adapter(adapter)
+    name = resolve_adapter(adapter, teacher)
     encoder, teacher_name = load_adapter(name, teacher, student_path=student_path, device=device)
     pipe = load_pipeline(teacher_name, device=device, variant=variant)
     check_fits(encoder, pipe, teacher_name)
@@ -844,7 +854,7 @@ def serve(
     previous_threads = torch.get_num_threads()
     print_fn("xling demo: loading the adapter and the teacher ...")
     model = load_demo(adapter, teacher, device=device, student_path=student_path, variant=variant)
-    if threads is None and model.teacher == TOY and torch.device(device).type == "cpu":
+    if threads is None and is_toy_teacher(model.teacher) and torch.device(device).type == "cpu":
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)

@@ -26,7 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_default: str
         "--teacher",
         default=None,
         metavar="T",
-        help="'toy', a diffusers model folder or Hub id (default: the one the adapter records, else toy)",
+        help="'toy', 'toy-mmdit', a diffusers model folder or Hub id (default: the one the adapter records, "
+        "else toy)",
     )
     parser.add_argument(
         "--student-path",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xling.train.recipes import RECIPES
-from xling.train.toyworld.names import TOY_STUDENTS
+from xling.train.toyworld.names import TOY_STUDENTS, TOY_TEACHERS
 
 
 def register(subparsers: Any) -> None:
@@ -33,6 +33,12 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES, metavar="RECIPE")
+    parser.add_argument(
+        "--teacher",
+        choices=TOY_TEACHERS,
+        default="toy",
+        help="the toy teacher: 'toy' (UNet) or 'toy-mmdit' (SD3-family MMDiT); each has its own doc section",
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -52,9 +58,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="sampling seeds")
     parser.add_argument("--max-scenes", type=int, default=None, help="evaluate a fixed subset of scenes")
     parser.add_argument(
-        "--eval-steps", type=int, default=None, help="sampler steps (default: the toy world's)"
+        "--eval-steps", type=int, default=None, help="sampler steps (default: the toy teacher's)"
     )
-    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the toy world's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (default: the toy teacher's)")
     parser.add_argument(
         "--student",
         choices=TOY_STUDENTS,
@@ -69,7 +75,13 @@ def register(subparsers: Any) -> None:
         metavar="[RECIPE:]KEY=VALUE",
         help="config overrides (all or one recipe)",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench"), metavar="DIR")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run folders, bench.json and the plot (default: runs/bench, runs/bench-toy-mmdit for toy-mmdit)",
+    )
     parser.add_argument(
         "--doc", type=Path, default=Path("docs/toyworld.md"), metavar="FILE", help="'-': no doc"
     )
@@ -111,6 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     outcomes = run_bench(
         args.recipes,
+        teacher=args.teacher,
         steps=args.steps,
         recipe_steps=recipe_steps,
         eval_every=args.eval_every,
@@ -121,7 +134,8 @@ def _bench(args: argparse.Namespace) -> int:
         student=args.student,
         seed=args.seed,
         overrides=overrides,
-        output_dir=args.output_dir,
+        output_dir=args.output_dir
+        or Path("runs/bench" if args.teacher == "toy" else f"runs/bench-{args.teacher}"),
         doc=None if str(args.doc) == "-" else args.doc,
         command="xling bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "xling bench",
     )

@@ -4,7 +4,7 @@ The adapter (a ``LanguageEncoder`` directory) turns the prompts into the teacher
 teacher's own pipeline and sampler draw them, one image per prompt and seed. The default teacher is the one
 the adapter records (the teacher it was trained with; the toy world's for an adapter that records none);
 ``--teacher`` overrides it, and the adapter's widths are checked against it before anything is sampled.
-The toy teacher samples at its own default steps and guidance; a PixArt-α/Σ, Sana, SD3 or Flux teacher at its
+The toy teachers (UNet and MMDiT) sample at their own default steps and guidance; a PixArt-α/Σ, Sana, SD3 or Flux teacher at its
 pipeline's own (Flux's guidance is its distilled guidance embedding, with no negative prompt); any other at 30
 steps and guidance 7.5. Images come out at the teacher's native resolution.
 """

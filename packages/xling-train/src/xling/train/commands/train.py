@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from xling.train.config import load_config
     from xling.train.recipes import run_recipe
-    from xling.train.toyworld.names import TOY
+    from xling.train.toyworld.names import is_toy_teacher
 
     # Errors (a bad key or value, missing files, a non-finite loss) reach `xling.train.cli.main`, which prints
     # them on a line of their own after the progress bar and returns 2 or 1.
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.config, overrides)
     if cfg.resume is not None:
         cfg = _resumed_config(args.recipe, cfg, args.config, overrides)
-    if cfg.teacher == TOY and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    if is_toy_teacher(cfg.teacher) and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # The toy models are far too small to gain from intra-op threads, and on a shared 2-core machine a
         # second thread made the default run several times slower (docs/toyworld.md).
         torch.set_num_threads(1)

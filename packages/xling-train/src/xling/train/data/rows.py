@@ -20,7 +20,7 @@ from xling.train.data.corpus import ColumnMap, ParallelCorpus, column_names, col
 from xling.train.data.errors import BAD_UTF8, OnBadRow
 from xling.train.data.images import CropPolicy
 from xling.train.data.shards import TarShardCorpus
-from xling.train.toyworld.names import TOY
+from xling.train.toyworld.names import TOY, is_toy_teacher
 
 if TYPE_CHECKING:
     from xling.train.config import RecipeConfig
@@ -164,7 +164,7 @@ def load_rows(
     data = config.data
     # The config's own image size wins: a user may train below (or above) the teacher's native resolution.
     resolution = data.resolution if data.resolution is not None else resolution
-    if data.path is None and config.teacher != TOY:
+    if data.path is None and not is_toy_teacher(config.teacher):
         from xling.train.config import validate
 
         validate(config, needs_data=True)  # raises, naming the --data fix

@@ -27,6 +27,7 @@ from xling.core import Conditioning
 from xling.train.evaluation.metrics import (
     agreement,
     attention_alignment,
+    bootstrap_interval,
     clip_score,
     embedding_alignment,
     latent_mse,
@@ -34,6 +35,7 @@ from xling.train.evaluation.metrics import (
 )
 from xling.train.evaluation.pairs import evaluate_pairs
 from xling.train.evaluation.report import (
+    format_interval,
     format_percent,
     report_markdown,
     write_grid,
@@ -52,6 +54,8 @@ from xling.train.evaluation.runs import (
 from xling.train.evaluation.sampling import (
     check_fits,
     load_pipeline,
+    pipeline_teacher,
+    pipeline_text_options,
     sample,
     sampler_defaults,
     student_conditioning,
@@ -68,16 +72,20 @@ __all__ = [
     "adapter_teacher",
     "agreement",
     "attention_alignment",
+    "bootstrap_interval",
     "check_fits",
     "clip_score",
     "embedding_alignment",
     "evaluate_adapter",
     "evaluate_pairs",
     "evaluate_toy",
+    "format_interval",
     "format_percent",
     "generate_images",
     "latent_mse",
     "load_pipeline",
+    "pipeline_teacher",
+    "pipeline_text_options",
     "prompt_pairs_from_rows",
     "psnr",
     "read_prompt_pairs",

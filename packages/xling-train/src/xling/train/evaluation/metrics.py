@@ -15,6 +15,48 @@ from xling.adapters.head import masked_mean
 from xling.core import Conditioning, Teacher
 from xling.losses import attention_mse
 from xling.train.evaluation.results import Samples
+from xling.train.evaluation.sampling import pipeline_teacher
+
+
+def bootstrap_interval(
+    correct: Sequence[bool] | np.ndarray,
+    reference: Sequence[bool] | np.ndarray | None = None,
+    *,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of an accuracy, or of an accuracy ratio, over the evaluated images.
+
+    Each image is one (scene, seed) draw, so resampling images with replacement resamples scenes x seeds.
+    With ``reference`` (the same images' verdicts under another condition, e.g. the English teacher at the
+    same scenes and seeds) the statistic is ``mean(correct) / mean(reference)`` on the same resampled rows,
+    which keeps the pairing.
+
+    Args:
+        correct: ``[N]`` verdicts (True = right).
+        reference: ``[N]`` verdicts of the denominator, or ``None``.
+        level: Coverage of the interval.
+        resamples: Bootstrap draws (seeded, so the interval is reproducible).
+        seed: Seed of the draws.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` for no images, or when a ratio's denominator is always 0.
+    """
+    x = np.asarray(correct, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rows = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))  # [R, N]
+    stat = x[rows].mean(axis=1)
+    if reference is not None:
+        denominator = np.asarray(reference, dtype=float)[rows].mean(axis=1)
+        keep = denominator > 0
+        if not keep.any():
+            return float("nan"), float("nan")
+        stat = stat[keep] / denominator[keep]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(stat, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def latent_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -149,7 +191,7 @@ def attention_alignment(
             f"images [B, 3, H, W] and both conditionings must share B: images {tuple(images.shape)}, "
             f"student {len(student)}, teacher {len(teacher)}"
         )
-    frozen = model if isinstance(model, Teacher) else Teacher.from_pipeline(model)
+    frozen = model if isinstance(model, Teacher) else pipeline_teacher(model)
     device, dtype = frozen.device, frozen.dtype
     pooled, mask = teacher.pooled_prompt_embeds, teacher.attention_mask
     english = Conditioning(

@@ -24,6 +24,7 @@ from xling.train.evaluation.sampling import (
     DEFAULT_STEPS,
     check_fits,
     load_pipeline,
+    pipeline_teacher,
     sample,
     seeded_rows,
     student_conditioning,
@@ -235,9 +236,7 @@ def evaluate_pairs(
     # Wrapped before any sampling, as evaluate_toy does: freezing the modules in place can pick other float
     # kernels, so every generation and the attention probe run on the same frozen modules.
     frozen = (
-        (teacher if isinstance(teacher, Teacher) else Teacher.from_pipeline(pipe))
-        if attention_timesteps
-        else None
+        (teacher if isinstance(teacher, Teacher) else pipeline_teacher(pipe)) if attention_timesteps else None
     )
     sampler = dict(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size

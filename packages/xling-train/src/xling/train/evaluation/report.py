@@ -72,6 +72,14 @@ def format_percent(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def format_interval(interval: Sequence[float] | None) -> str:
+    """A ``[low, high]`` fraction interval as ``"87.5-100.0%"``; ``""`` when absent or NaN."""
+    if not interval or any(math.isnan(x) for x in interval):
+        return ""
+    low, high = interval
+    return f"{100 * low:.1f}-{100 * high:.1f}%"
+
+
 def _num(x: float | None, fmt: str = ".4g") -> str:
     if x is None:
         return "n/a"
@@ -128,9 +136,11 @@ def report_markdown(
                 + " | ".join(format_percent(acc[a]) for a in ATTRIBUTES)
                 + " |"
             )
+        interval = format_interval(result.intervals.get("relative"))
         lines += [
             "",
-            f"Student / English teacher, all attributes: **{format_percent(result.relative_accuracy)}**.",
+            f"Student / English teacher, all attributes: **{format_percent(result.relative_accuracy)}**"
+            + (f" (95% bootstrap interval over scenes x seeds: {interval})." if interval else "."),
             "",
         ]
     a = result.alignment

@@ -37,6 +37,9 @@ class EvalResult:
         heldout_accuracy: The same restricted to the held-out scenes (no ``"en_teacher"`` row).
         relative_accuracy: Student ``all`` accuracy divided by the English teacher's (the issue's targets are
             >= 0.9 for IAP, >= 0.8 for PEA and MTN); ``None`` outside the toy world.
+        intervals: Toy world: 95% bootstrap intervals over the images (scenes x seeds) of each condition's
+            ``all`` accuracy, and of ``relative_accuracy`` (key ``"relative"``, paired rows):
+            ``{name: [low, high]}``. Empty elsewhere.
         alignment: ``token_cosine`` (``None`` when the student's length differs from the teacher's),
             ``mean_cosine`` (token means), ``pooled_cosine`` (SDXL), ``attention_mse`` (``None`` when not
             computed; ``settings["attention_mse_note"]`` then says why).
@@ -52,6 +55,7 @@ class EvalResult:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     heldout_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     relative_accuracy: float | None = None
+    intervals: dict[str, list[float]] = field(default_factory=dict)
     alignment: dict[str, float | None] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)
     clip_score: dict[str, float] | None = None
@@ -76,6 +80,7 @@ class EvalResult:
                 "accuracy": self.accuracy,
                 "heldout_accuracy": self.heldout_accuracy,
                 "relative_accuracy": self.relative_accuracy,
+                "intervals": self.intervals,
                 "alignment": self.alignment,
                 "agreement": self.agreement,
                 "clip_score": self.clip_score,

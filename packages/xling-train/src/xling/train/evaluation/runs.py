@@ -26,7 +26,7 @@ from xling.train.evaluation.sampling import (
     student_conditioning,
 )
 from xling.train.evaluation.toy import evaluate_toy, heldout_caption_pairs
-from xling.train.toyworld.names import TOY
+from xling.train.toyworld.names import TOY, is_toy_teacher
 
 
 def read_prompt_pairs(path: str | Path) -> tuple[list[str], list[str]]:
@@ -91,7 +91,7 @@ def adapter_teacher(encoder: LanguageEncoder, teacher: str | Path | None, adapte
         return str(teacher)
     record = encoder.teacher or {}
     name = str(record.get("name_or_path", TOY))
-    if name != TOY and looks_like_local_path(name) and not Path(name).expanduser().exists():
+    if not is_toy_teacher(name) and looks_like_local_path(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(
             f"the teacher recorded in {Path(adapter_dir) / 'config.json'} is not at {name}; "
             "pass its location with --teacher (teacher= in Python)"
@@ -162,7 +162,7 @@ def evaluate_adapter(
     common = dict(
         seeds=seeds, clip_model=clip_model, num_examples=num_examples, device=device, variant=variant
     )
-    if (teacher == TOY) if toy is None else toy:
+    if is_toy_teacher(teacher) if toy is None else toy:
         return evaluate_toy(
             encoder,
             teacher,

@@ -21,7 +21,8 @@ from xling.adapters.io import check_widths
 from xling.adapters.pipeline import PipelineFamily, check_pipeline_widths, pipeline_family, pipeline_widths
 from xling.core import FLOW_FAMILIES, Conditioning, StudentEncoder, Teacher
 from xling.train.evaluation.results import Samples
-from xling.train.toyworld.names import TOY, resolve_teacher
+from xling.train.toyworld import mmdit
+from xling.train.toyworld.names import TOY_MMDIT, is_toy_teacher, resolve_teacher, teacher_options
 from xling.train.toyworld.teacher import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 #: Sampler settings for an SD / SDXL teacher other than the toy one when the caller names none.
@@ -38,25 +39,49 @@ FAMILY_PIPELINES: dict[str, tuple[str, ...]] = {
 }
 
 
-def toy_sampler_defaults() -> tuple[int, float]:
-    """The toy teacher's default sampler steps and guidance (the ones its accuracy was measured at)."""
+#: Attribute of a pipeline holding the text options its prompts are encoded with when they differ from its
+#: ``__call__`` defaults (the teacher's ``max_sequence_length``): see :func:`pipeline_text_options`.
+TEXT_OPTIONS_ATTR = "xling_text_options"
+
+
+def toy_sampler_defaults(teacher: Any = "toy") -> tuple[int, float]:
+    """A toy teacher's default sampler steps and guidance (the ones its accuracy was measured at): the MMDiT
+    one's for ``"toy-mmdit"``, else the UNet one's."""
+    if teacher == TOY_MMDIT:
+        return mmdit.DEFAULT_STEPS, mmdit.DEFAULT_GUIDANCE
     return DEFAULT_STEPS, DEFAULT_GUIDANCE
+
+
+def pipeline_text_options(pipe: Any) -> dict[str, Any]:
+    """The text options ``pipe``'s prompts are encoded with beyond its ``__call__`` defaults.
+
+    :func:`load_pipeline` records them: the toy MMDiT teacher's T5 length (``toyworld.mmdit.PIPELINE_KWARGS``),
+    or the ``max_sequence_length`` of the ``xling.core.Teacher`` a pipeline was assembled from. Every prompt
+    xling encodes through the pipeline, and every ``Teacher`` made from it, uses them.
+    """
+    return dict(getattr(pipe, TEXT_OPTIONS_ATTR, None) or {})
+
+
+def pipeline_teacher(pipe: Any) -> Teacher:
+    """``xling.core.Teacher.from_pipeline(pipe)`` with the pipeline's text options (:func:`pipeline_text_options`)."""
+    return Teacher.from_pipeline(pipe, **pipeline_text_options(pipe))
 
 
 def sampler_defaults(teacher: Any, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """Steps and guidance: the given ones, else the teacher's defaults.
 
-    The defaults are the toy world's for ``teacher == "toy"``; the pipeline's own ``__call__`` defaults for a
+    The defaults are the toy world's for ``"toy"`` and ``"toy-mmdit"``; the pipeline's own ``__call__`` defaults for a
     PixArt-α/Σ, Sana, SD3 or Flux teacher (a folder whose ``model_index.json`` names such a pipeline, a
     pipeline, or an ``xling.core.Teacher`` of those families); 30 steps at guidance 7.5 for any other.
 
     Args:
-        teacher: ``"toy"``, a diffusers directory or Hub id, a pipeline or an ``xling.core.Teacher``.
+        teacher: ``"toy"``, ``"toy-mmdit"``, a diffusers directory or Hub id, a pipeline or an
+            ``xling.core.Teacher``.
         steps: Sampler steps, or ``None``.
         guidance: Guidance scale, or ``None`` (``0.0`` is kept: it disables guidance).
     """
-    if isinstance(teacher, str) and teacher == TOY:
-        default_steps, default_guidance = toy_sampler_defaults()
+    if is_toy_teacher(teacher):
+        default_steps, default_guidance = toy_sampler_defaults(teacher)
     else:
         default_steps, default_guidance = _pipeline_call_defaults(teacher) or (SD_STEPS, SD_GUIDANCE)
     return steps or default_steps, guidance if guidance is not None else default_guidance
@@ -134,9 +159,9 @@ def load_pipeline(
     """The diffusers pipeline of ``teacher`` (SD / SDXL, PixArt-α/Σ, Sana, SD3 or Flux).
 
     Args:
-        teacher: ``"toy"`` (the committed toy teacher), a diffusers directory or id, a pipeline (returned as
-            is), or an ``xling.core.Teacher`` (its components, with the inference scheduler read from the
-            directory it was loaded from).
+        teacher: ``"toy"`` / ``"toy-mmdit"`` (a committed toy teacher), a diffusers directory or id, a
+            pipeline (returned as is), or an ``xling.core.Teacher`` (its components, with the inference
+            scheduler read from the directory it was loaded from).
         device: Device of the pipeline.
         dtype: Weight dtype.
         variant: Weight-file variant of a directory or id (``"fp16"`` reads ``*.fp16.safetensors``), as
@@ -148,15 +173,41 @@ def load_pipeline(
         pipe = teacher
     elif isinstance(teacher, str | Path):
         path = resolve_teacher(str(teacher))
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant).to(device)
+        dropped = {name: None for name in _dropped_components(path)}
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, **dropped).to(device)
+        setattr(pipe, TEXT_OPTIONS_ATTR, teacher_options(str(teacher)))
     elif isinstance(teacher, Teacher):
         pipe = _pipeline_from_teacher(teacher)
+        if teacher.max_sequence_length is not None:
+            setattr(pipe, TEXT_OPTIONS_ATTR, {"max_sequence_length": teacher.max_sequence_length})
     else:
         raise TypeError(
             f"teacher must be 'toy', a path, a DiffusionPipeline or an xling.core.Teacher, got {type(teacher).__name__}"
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _dropped_components(path: str) -> list[str]:
+    """Components a pipeline's ``__init__`` requires that ``model_index.json`` records as ``[null, null]``
+    (SD3 with its T5 dropped): ``DiffusionPipeline.from_pretrained`` loads such a folder only when told
+    ``name=None`` for each, as diffusers documents for SD3 without T5."""
+    import diffusers
+
+    try:
+        index = dict(diffusers.DiffusionPipeline.load_config(path))
+    except (OSError, ValueError):  # from_pretrained reports the cause
+        return []
+    pipeline_class = getattr(diffusers, str(index.get("_class_name", "")), None)
+    if pipeline_class is None:
+        return []
+    required, _ = pipeline_class._get_signature_keys(pipeline_class)
+    optional = set(getattr(pipeline_class, "_optional_components", []))
+    return [
+        name
+        for name in sorted(set(required) - optional)
+        if isinstance(index.get(name), list | tuple) and list(index[name]) == [None, None]
+    ]
 
 
 def check_fits(encoder: Any, pipe: Any, teacher: Any) -> None:
@@ -242,8 +293,8 @@ def _pipeline_from_teacher(teacher: Teacher) -> Any:
             tokenizer=tokenizers[0],
             text_encoder_2=encoders[1],
             tokenizer_2=tokenizers[1],
-            text_encoder_3=encoders[2],
-            tokenizer_3=tokenizers[2],
+            text_encoder_3=encoders[2] if len(encoders) == 3 else None,  # T5 may be dropped
+            tokenizer_3=tokenizers[2] if len(tokenizers) == 3 else None,
         )
     if family == "flux":  # CLIP-L, T5
         return diffusers.FluxPipeline(
@@ -291,6 +342,7 @@ def _text_options(pipe: Any) -> dict[str, Any]:
         default = _call_default(pipe, name)
         if name in params and default is not inspect.Parameter.empty and default is not None:
             options[name] = default
+    options.update({k: v for k, v in pipeline_text_options(pipe).items() if k in params})
     if options.get("clean_caption"):
         from diffusers.utils import is_bs4_available, is_ftfy_available
 

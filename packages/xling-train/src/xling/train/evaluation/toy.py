@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from xling.core import StudentEncoder, Teacher
-from xling.train.evaluation.metrics import attention_alignment, embedding_alignment
+from xling.train.evaluation.metrics import attention_alignment, bootstrap_interval, embedding_alignment
 from xling.train.evaluation.pairs import compare, examples, teacher_name, teacher_samples
 from xling.train.evaluation.results import ATTRIBUTES, EvalResult, Samples
-from xling.train.evaluation.sampling import check_fits, load_pipeline, toy_sampler_defaults
+from xling.train.evaluation.sampling import check_fits, load_pipeline, pipeline_teacher, toy_sampler_defaults
 from xling.train.toyworld import world
 from xling.train.toyworld.names import TOY
 
@@ -103,10 +103,10 @@ def evaluate_toy(
 
     Args:
         encoder: The student (``xling.adapters.LanguageEncoder``; only its ``__call__`` is used).
-        teacher: ``"toy"``, a directory, a pipeline or an ``xling.core.Teacher``.
+        teacher: ``"toy"``, ``"toy-mmdit"``, a directory, a pipeline or an ``xling.core.Teacher``.
         seeds: Sampling seeds per scene.
-        num_inference_steps: Sampler steps (``None``: the toy world's default).
-        guidance_scale: Classifier-free guidance (``None``: the toy world's default).
+        num_inference_steps: Sampler steps (``None``: the toy teacher's default).
+        guidance_scale: Classifier-free guidance (``None``: the toy teacher's default).
         paraphrase: Draw one seeded paraphrase per scene (parallel in both languages) instead of the
             canonical captions.
         max_scenes: Evaluate only the first N scenes of a fixed shuffled order (budget runs).
@@ -124,14 +124,14 @@ def evaluate_toy(
         xling.adapters.WidthMismatchError: the student's head does not fit the teacher (before sampling).
     """
     start = time.perf_counter()
-    default_steps, default_guidance = toy_sampler_defaults()
+    default_steps, default_guidance = toy_sampler_defaults(teacher)
     steps = num_inference_steps or default_steps
     guidance = guidance_scale if guidance_scale is not None else default_guidance
     pipe = load_pipeline(teacher, device=device, variant=variant)
     check_fits(encoder, pipe, teacher_name(teacher))
     # Made before any sampling: wrapping freezes the modules in place, which can pick other float kernels, so
     # every generation of this pipeline (cached references included) runs on the same frozen modules.
-    frozen = teacher if isinstance(teacher, Teacher) else Teacher.from_pipeline(pipe)
+    frozen = teacher if isinstance(teacher, Teacher) else pipeline_teacher(pipe)
 
     scenes, heldout = _scenes(max_scenes)
     rng = np.random.default_rng(1234) if paraphrase else None
@@ -169,6 +169,9 @@ def evaluate_toy(
     }
     teacher_all = accuracy["en_teacher"]["all"]
     relative = accuracy["zh_student"]["all"] / teacher_all if teacher_all > 0 else None
+    right = {name: [bool(v["all"]) for v in verdicts] for name, verdicts in checks.items()}
+    intervals = {name: list(bootstrap_interval(v)) for name, v in right.items()}
+    intervals["relative"] = list(bootstrap_interval(right["zh_student"], right["en_teacher"]))
 
     # Alignment on the held-out scenes (all scenes when the budget left none), their renders as pivots.
     probe = [i for i in range(len(scenes)) if heldout[i]] or list(range(len(scenes)))
@@ -186,6 +189,7 @@ def evaluate_toy(
         accuracy=accuracy,
         heldout_accuracy=heldout_accuracy,
         relative_accuracy=relative,
+        intervals=intervals,
         alignment=alignment,
         agreement=run.agreement,
         clip_score=run.clip_score,

@@ -145,9 +145,9 @@ def run_recipe(
     result = train(step, cfg, train_data, val_data, accelerator=accelerator, on_step=on_step, run=run)
     if cfg.eval.enabled and accelerator.is_main_process and result.adapter_dir is not None:
         from xling.train.evaluation import prompt_pairs_from_rows, write_run_report
-        from xling.train.toyworld.names import TOY
+        from xling.train.toyworld.names import is_toy_teacher
 
-        toy = cfg.teacher == TOY
+        toy = is_toy_teacher(cfg.teacher)
         # Off the toy world the report scores held-out rows of the run's own data: the validation pairs.
         pairs = None if toy else prompt_pairs_from_rows(val_data, cfg.eval.num_prompts)
         result.files.update(

@@ -13,7 +13,13 @@ from xling.adapters import LanguageEncoder, ModelCardFacts
 from xling.core import Conditioning, Teacher
 from xling.train.config import RecipeConfig
 from xling.train.data import Batch
-from xling.train.toyworld.names import resolve_student, resolve_teacher, teacher_record, toy_student_variant
+from xling.train.toyworld.names import (
+    resolve_student,
+    resolve_teacher,
+    teacher_options,
+    teacher_record,
+    toy_student_variant,
+)
 
 ConfigT = TypeVar("ConfigT", bound=RecipeConfig)
 
@@ -180,10 +186,15 @@ def adapter_card(
 
 
 def load_teacher(config: RecipeConfig, *, device: torch.device | str, dtype: torch.dtype) -> Teacher:
-    """The frozen teacher ``config.teacher`` names (``"toy"``: the committed one), in ``dtype`` on ``device``,
-    from its ``config.variant`` weight files (``"fp16"``: ``*.fp16.safetensors``; ``None``: the default ones)."""
+    """The frozen teacher ``config.teacher`` names (``"toy"`` / ``"toy-mmdit"``: a committed one), in ``dtype``
+    on ``device``, from its ``config.variant`` weight files (``"fp16"``: ``*.fp16.safetensors``; ``None``: the
+    default ones)."""
     return Teacher.from_pretrained(
-        resolve_teacher(config.teacher), dtype=dtype, device=device, variant=config.variant
+        resolve_teacher(config.teacher),
+        dtype=dtype,
+        device=device,
+        variant=config.variant,
+        **teacher_options(config.teacher),
     )
 
 

@@ -7,7 +7,7 @@ the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ def generate(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 64,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Images for ``prompts`` (or ``prompt_embeds`` ``[B, L, D]``), one per seed, as uint8 ``[B, H, W, 3]``.
 
@@ -43,6 +44,8 @@ def generate(
         steps: Sampler steps.
         guidance: Classifier-free guidance scale.
         batch_size: Images per pipeline call.
+        call_kwargs: More keyword arguments of every pipeline call (the toy MMDiT teacher's
+            ``toyworld.mmdit.PIPELINE_KWARGS``).
 
     Returns:
         ``np.ndarray`` uint8 ``[B, H, W, 3]``.
@@ -63,7 +66,7 @@ def generate(
     out: list[np.ndarray] = []
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(call_kwargs or {})
         if prompts is not None:
             kwargs["prompt"] = list(prompts[sl])
         else:
@@ -93,8 +96,11 @@ def evaluate_teacher(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 64,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """English accuracy of ``pipe`` on the canonical captions of ``scenes`` (default: every single-object scene).
+
+    ``call_kwargs`` go to every pipeline call, as in :func:`generate`.
 
     Returns:
         ``(accuracy, images)``: :func:`world.evaluate_accuracy` over ``len(scenes) * len(seeds)`` images, and
@@ -110,6 +116,7 @@ def evaluate_teacher(
             steps=steps,
             guidance=guidance,
             batch_size=batch_size,
+            call_kwargs=call_kwargs,
         )
         for s in seeds
     ]

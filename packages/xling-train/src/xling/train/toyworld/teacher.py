@@ -230,7 +230,7 @@ _VAE_CONST = 256.0  # constant channel that pins each GroupNorm's statistics (er
 _VAE_SHIFT = 24.0  # bias before SiLU: SiLU(x + 24) = x + 24 up to ~1e-9
 
 
-def build_identity_vae(channels: int = 8) -> AutoencoderKL:
+def build_identity_vae(channels: int = 8, shift_factor: float | None = None) -> AutoencoderKL:
     """An ``AutoencoderKL`` whose encoder mean and decoder are the identity on images in [-1, 1].
 
     Every resnet and attention layer is residual with a zeroed output projection, so it passes its input on.
@@ -238,6 +238,7 @@ def build_identity_vae(channels: int = 8) -> AutoencoderKL:
     as ``[x, -x, K, -K]`` so each group has mean 0 and standard deviation ``K/2 (1 + O(x^2 / K^2))``, which the
     norm's scale undoes, and a shift of 24 puts SiLU in its linear range. Round trip error is below 1e-4.
     The encoder's log-variance is -30 (the clamp floor), so a sampled latent equals the mean.
+    ``shift_factor`` is recorded in the config (SD3's pipeline reads it and needs a number: 0.0).
     """
     from diffusers import AutoencoderKL
 
@@ -254,6 +255,7 @@ def build_identity_vae(channels: int = 8) -> AutoencoderKL:
         norm_num_groups=1,
         sample_size=32,
         scaling_factor=1.0,
+        shift_factor=shift_factor,
         mid_block_add_attention=False,
         use_quant_conv=False,
         use_post_quant_conv=False,
