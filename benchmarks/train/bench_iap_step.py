@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         latent, channels, pooled_width = int(cfg.sample_size), int(cfg.in_channels), None
         width = int(cfg.cross_attention_dim)
         teacher_len = 77
-    elif toy_mmdit:  # pixel space; the teacher's prompt is its 16 CLIP tokens + the zero T5 ones
+    elif toy_mmdit:  # pixel space; the teacher's prompt is its CLIP tokens + the zero T5 ones
         latent, channels = int(cfg.sample_size), int(cfg.in_channels)
         width, pooled_width = families.widths(family, unet)
-        teacher_len = 16 + mmdit.T5_TOKENS
+        teacher_len = mmdit.MMDiTConfig().max_length + mmdit.T5_TOKENS
     else:
         latent, channels = args.latent or families.LATENT[args.size], families.latent_channels(family, unet)
         width, pooled_width = families.widths(family, unet)
