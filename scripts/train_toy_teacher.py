@@ -1,12 +1,16 @@
 """Train the toy world's tiny English teacher and save it as a ``StableDiffusionPipeline`` directory.
 
     uv run python scripts/train_toy_teacher.py --out runs/teacher --steps 300          # CPU smoke run
+    uv run python scripts/train_toy_teacher.py --out runs/teacher2 --init-from TEACHER --pair-fraction 0.5 \
+        --lr 2e-4 --warmup 20 --batch-size 64 --time-budget-s 1800 --device cpu   # two-object fine-tune
     python scripts/train_toy_teacher.py --out $OUT/teacher --time-budget-s 420 --device cuda
 
 The UNet diffuses 32x32 pixels (the VAE is an exact identity, see ``toyworld.teacher``) with v-prediction on
 a zero-terminal-SNR cosine schedule; the CLIP text encoder trains jointly; 10% of captions are dropped to the
 empty prompt for classifier-free guidance; EMA weights are saved. Images come from a pre-rendered bank of
-jittered renders of every single-object scene, captions from every English paraphrase of each scene. With
+jittered renders of every single-object scene, captions from every English paraphrase of each scene;
+``--pair-fraction`` puts that share of each batch on two-object scenes (a bank of their own) and
+``--init-from`` fine-tunes a saved teacher instead of training one from its seeded initialisation. With
 ``--time-budget-s`` the step count is fixed after timing the first steps, so ``--steps N`` with the N the log
 reports reproduces a run exactly (same seed, same device kind).
 """
@@ -59,6 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--renders-per-scene", type=int, default=256, help="jittered renders per scene in the bank"
     )
+    p.add_argument(
+        "--pair-fraction", type=float, default=0.0, help="share of each batch drawn from two-object scenes"
+    )
+    p.add_argument("--pair-renders", type=int, default=16, help="jittered renders per two-object scene")
+    p.add_argument(
+        "--init-from", type=Path, default=None, help="a saved toy teacher to fine-tune (its architecture wins)"
+    )
+    p.add_argument(
+        "--eval-pairs", type=int, default=48, help="two-object scenes in the final evaluation (0: none)"
+    )
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block_out_channels")
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,12 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
     p.add_argument("--eval-steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     return p.parse_args(argv)
 
 
-def build_bank(renders: int, size: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
-    """Pre-rendered images ``[S, R, 3, H, W]`` in [-1, 1] of every single-object scene."""
-    scenes = world.all_single_scenes()
+def build_bank(
+    renders: int, size: int, seed: int, scenes: list[world.Scene] | None = None
+) -> tuple[torch.Tensor, list[world.Scene]]:
+    """Pre-rendered images ``[S, R, 3, H, W]`` in [-1, 1] of ``scenes`` (default: every single-object scene)."""
+    scenes = world.all_single_scenes() if scenes is None else scenes
     rng = np.random.default_rng(seed)
     bank = np.stack([np.stack([world.render(s, size, rng) for _ in range(renders)]) for s in scenes])
     images = torch.from_numpy(bank).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
@@ -181,12 +198,21 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     config = TeacherConfig(block_out_channels=tuple(args.channels), text_width=args.text_width)
     tokenizer = write_tokenizer(args.out / "tokenizer", config.max_length)
-    text_encoder = build_text_encoder(tokenizer, config).to(device)
-    unet = build_unet(config).to(device)
+    if args.init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").to(device)
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder").to(device)
+    else:
+        text_encoder = build_text_encoder(tokenizer, config).to(device)
+        unet = build_unet(config).to(device)
     sampler = build_scheduler()
     noise_sched = DDPMScheduler.from_config(sampler.config)
     alphas = noise_sched.alphas_cumprod.to(device)  # [T]
@@ -195,6 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     bank = bank.to(device)  # [S, R, 3, H, W]
     ids, empty = caption_ids(tokenizer, scenes, args.seed)
     ids, empty = ids.to(device), empty.to(device)  # [S, K, L], [L]
+    n_pairs = round(args.batch_size * args.pair_fraction)
+    if n_pairs:
+        # The training split only: held-out pair combinations stay unseen, so the teacher's pair accuracy on
+        # them measures composition rather than memory.
+        pair_bank, pair_scenes = build_bank(
+            args.pair_renders, config.resolution, args.seed + 1, world.all_pair_scenes("train")
+        )
+        pair_bank = pair_bank.to(device)
+        pair_ids, _ = caption_ids(tokenizer, pair_scenes, args.seed + 1)
+        pair_ids = pair_ids.to(device)
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -220,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         for g in opt.param_groups:
             g["lr"] = learning_rate(step, total, args.lr, args.warmup)
         b = args.batch_size
-        x0, tok = draw_batch(gen, bank, ids, empty, b, args.cond_dropout)  # [B, 3, H, W], [B, L]
+        x0, tok = draw_batch(gen, bank, ids, empty, b - n_pairs, args.cond_dropout)  # [B, 3, H, W], [B, L]
+        if n_pairs:
+            x0_pair, tok_pair = draw_batch(gen, pair_bank, pair_ids, empty, n_pairs, args.cond_dropout)
+            x0, tok = torch.cat([x0, x0_pair]), torch.cat([tok, tok_pair])
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         a = alphas[t].view(b, 1, 1, 1)
@@ -283,6 +322,19 @@ def main(argv: list[str] | None = None) -> None:
 
             grid = image_grid(images[: 2 * len(scenes)], columns=12)  # two seeds, 12 scenes a row
             Image.fromarray(grid).save(args.out.parent / f"{args.out.name}_grid_g{guidance}.png")
+            if args.eval_pairs > 0:
+                t0 = time.time()
+                chosen = world.pair_eval_scenes(args.eval_pairs)
+                acc, images = evaluate_teacher(
+                    pipe, chosen, seeds=range(args.eval_seeds), steps=args.eval_steps, guidance=guidance
+                )
+                record["eval"].append(
+                    {"guidance": guidance, "kind": "pair", "scenes": len(chosen), "seeds": args.eval_seeds, **acc}
+                )
+                record["eval"][-1]["time_s"] = round(time.time() - t0, 1)
+                print(record["eval"][-1], flush=True)
+                grid = image_grid(images[: 2 * len(chosen)], columns=12)
+                Image.fromarray(grid).save(args.out.parent / f"{args.out.name}_pairs_grid_g{guidance}.png")
     (args.out.parent / f"{args.out.name}_log.json").write_text(json.dumps(record, indent=1))
 
 

@@ -9,6 +9,7 @@ import torch
 
 from xling.train.toyworld import TOY_STUDENTS
 from xling.train.toyworld import student as toy
+from xling.train.toyworld import world
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def test_variant_loads_with_auto_classes(variant: str) -> None:
     assert type(model).__name__ == "BertModel" and tokenizer.is_fast
     record = json.loads((path / "toy_student.json").read_text())
     assert record["variant"] == variant
-    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(toy.student_path()).get_vocab()
+    family = "multilingual" if variant.startswith("multilingual") else "pretrained"
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(toy.student_path(family)).get_vocab()
     batch = tokenizer(["左边的红色圆形", "红色圆形"], padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -76,6 +78,44 @@ def test_aligned_student_continues_from_the_pretrained_one() -> None:
     record = json.loads((toy.student_path("aligned") / "toy_student.json").read_text())
     assert record["from"] == "student-pretrained" and record["distill"]["steps"] > 0
     assert record["distill"]["pooled"] < 0.5 * record["distill"]["first_loss"]  # validation vs first update
+
+
+@pytest.mark.parametrize("language", [*world.TARGET_LANGUAGES, world.MIXED])
+def test_multilingual_tokenizer_is_one_token_per_character_of_every_script(language: str) -> None:
+    """Hangul syllables stay whole (no NFD into jamo), kana keep their voicing marks, accents stay."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.student_path("multilingual"))
+    assert tokenizer.is_fast and tokenizer.cls_token_id == 2 and tokenizer.sep_token_id == 3
+    for caption in toy.world_captions("all", variants=3, languages=(language,)):
+        ids = tokenizer(caption)["input_ids"]
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        assert tokenizer.unk_token_id not in ids, caption
+        assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == list(caption.lower().replace(" ", "")), caption
+        assert len(ids) <= tokenizer.model_max_length
+    assert tokenizer.convert_ids_to_tokens(tokenizer("가 が Í")["input_ids"][1:-1]) == ["가", "が", "í"]
+
+
+def test_multilingual_students() -> None:
+    from transformers import AutoModel
+
+    record = json.loads((toy.student_path("multilingual") / "toy_student.json").read_text())
+    assert record["variant"] == "multilingual" and record["languages"] == list(world.TARGET_LANGUAGES)
+    assert record["corpus_captions"] == len(toy.world_captions("train", languages=world.TARGET_LANGUAGES))
+    assert record["mlm"]["probe_masked_accuracy_after"] > record["mlm"]["probe_masked_accuracy_before"] + 0.3
+    aligned = json.loads((toy.student_path("multilingual-aligned") / "toy_student.json").read_text())
+    assert aligned["from"] == "student-multilingual" and aligned["languages"] == list(world.TARGET_LANGUAGES)
+    assert aligned["distill"]["pooled"] < 0.5 * aligned["distill"]["first_loss"]
+    a = AutoModel.from_pretrained(toy.student_path("multilingual")).state_dict()
+    b = AutoModel.from_pretrained(toy.student_path("multilingual-aligned")).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("encoder.layer.3."))
+
+
+def test_world_captions_keep_the_chinese_corpus_and_hold_out_every_language() -> None:
+    assert toy.world_captions("train", languages=("zh",)) == toy.world_chinese_captions("train")
+    train = set(toy.world_captions("train", variants=0, languages=world.TARGET_LANGUAGES))
+    heldout = set(toy.world_captions("heldout", variants=0, languages=world.TARGET_LANGUAGES))
+    assert heldout and not (train & heldout)
 
 
 def test_unknown_variant_is_named() -> None:

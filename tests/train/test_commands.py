@@ -89,8 +89,8 @@ def test_bench_tiny_run_keeps_the_rest_of_the_doc(tmp_path: Path) -> None:
     rc = main(
         [
             "bench", "--recipes", "align", "--steps", "2", "--eval-every", "1", "--max-scenes", "2",
-            "--seeds", "0", "--eval-steps", "2", "--output-dir", str(tmp_path / "runs"), "--doc", str(doc),
-            "--set", "batch_size=4", "align:data.num_samples=8",
+            "--seeds", "0", "--seed", "0", "--eval-steps", "2", "--output-dir", str(tmp_path / "runs"),
+            "--doc", str(doc), "--set", "batch_size=4", "align:data.num_samples=8",
         ]
     )  # fmt: skip
     assert rc == 0

@@ -128,7 +128,7 @@ def test_bench_on_toy_mmdit_has_its_own_section(tmp_path: Path) -> None:
     rc = main(
         [
             "bench", "--teacher", TOY_MMDIT, "--recipes", "iap", "--steps", "1", "--eval-every", "0",
-            "--max-scenes", "2", "--seeds", "0", "--eval-steps", "2", "--output-dir", str(tmp_path / "runs"),
+            "--max-scenes", "2", "--seeds", "0", "--seed", "0", "--eval-steps", "2", "--output-dir", str(tmp_path / "runs"),
             "--doc", str(doc), "--set", "batch_size=4",
         ]
     )  # fmt: skip

@@ -37,6 +37,7 @@ EXAMPLE_PROMPTS = {
     "de": "ein roter Kreis links",
     "fr": "un cercle rouge à gauche",
     "es": "un círculo rojo a la izquierda",
+    "ar": "دائرة حمراء على اليسار",
 }
 
 
@@ -150,7 +151,8 @@ def card_text(directory: str | os.PathLike[str], facts: ModelCardFacts | None = 
     tags = ["xling", "text-to-image", "diffusers"]
     tags += [t for t in (facts.recipe, head_type) if t and t not in tags]
     data = ModelCardData(
-        language=[language, "en"] if language != "en" else ["en"],
+        # A multilingual adapter records its languages comma-separated; the card lists each (the Hub's form).
+        language=[*dict.fromkeys([*(c.strip() for c in language.split(",")), "en"])],
         base_model=str(teacher) if teacher_is_hub_id(teacher) else None,
         library_name="xling",
         tags=tags,
@@ -209,7 +211,8 @@ def card_text(directory: str | os.PathLike[str], facts: ModelCardFacts | None = 
         lines += [f"![English (top) vs {language} (bottom) at the same seeds]({GRID_NAME})", ""]
     imports, pipe = _teacher_snippet(teacher)
     repo = facts.repo_id or "<org>/<name>"
-    prompt = facts.prompt or EXAMPLE_PROMPTS.get(language, f"<a prompt in {language}>")
+    first = language.split(",")[0].strip()
+    prompt = facts.prompt or EXAMPLE_PROMPTS.get(first, f"<a prompt in {first}>")
     lines += [
         "## Usage",
         "",

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xling.train.evaluation import format_interval, format_percent
+from xling.train.evaluation import format_interval, format_percent, group_label, group_table
 from xling.train.recipes import RECIPES
 from xling.train.toyworld.names import TOY, TOY_TEACHERS
 
@@ -64,8 +64,13 @@ class RecipeBench:
             (``"zh_student"``) and of ``relative_accuracy`` (``"relative"``).
         agreement: Final ``latent_mse`` and ``psnr`` against the teacher on the parallel English captions.
         alignment: Final alignment metrics.
-        curve: ``[(step, all-attribute accuracy), ...]`` at each evaluation.
-        final_loss: The last update's total loss.
+        curve: ``[(step, all-attribute accuracy), ...]`` at each evaluation of the first training seed, and at
+            the end (the mean over training seeds).
+        train_seeds: The training seeds the recipe ran at; every number above pools their images.
+        seed_accuracy: Final headline ``all`` accuracy of each training seed, in ``train_seeds`` order.
+        groups: Per language and scene kind, pooled over training seeds (:attr:`EvalResult.groups` rows of the
+            student conditions).
+        final_loss: The last update's total loss (of the last training seed).
         error: The error message when the recipe failed (the other fields are then partial).
     """
 
@@ -81,6 +86,9 @@ class RecipeBench:
     agreement: dict[str, float] = field(default_factory=dict)
     alignment: dict[str, float | None] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    train_seeds: list[int] = field(default_factory=list)
+    seed_accuracy: list[float] = field(default_factory=list)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     final_loss: float | None = None
     error: str | None = None
 
@@ -161,7 +169,56 @@ def bench_recipe(
     outcome.alignment = final.alignment
     outcome.curve.append((outcome.steps, final.accuracy["zh_student"]["all"]))
     outcome.final_loss = float(run.losses[-1]) if run.losses else None
+    outcome.train_seeds = [cfg.seed]
+    outcome.seed_accuracy = [outcome.accuracy["all"]]
+    outcome.groups = {k: v for k, v in final.groups.items() if "_student/" in k}
     return outcome, final
+
+
+def pool_seeds(runs: Sequence[tuple[RecipeBench, Any]]) -> RecipeBench:
+    """One recipe's outcome over several training seeds: every figure recomputed from the pooled images
+    (scenes x sampling seeds x training seeds), the per-seed headline accuracies kept beside them.
+
+    Args:
+        runs: ``(outcome, final EvalResult)`` of each training seed, as :func:`bench_recipe` returns them.
+    """
+    from xling.train.evaluation import group_summary
+
+    outcomes = [o for o, _ in runs]
+    finals = [f for _, f in runs]
+    settings = finals[0].settings
+    # The headline row: the first language on single-object scenes (pairs when only pairs were scored).
+    kind = "single" if settings.get("scenes") else "pair"
+    head = f"{settings.get('languages', ['zh'])[0]}_student/{kind}"
+    pooled = {name: [v for f in finals for v in f.verdicts[name]] for name in finals[0].verdicts}
+    groups = {
+        name: group_summary(v, pooled[f"en_teacher/{name.split('/')[1]}"])
+        for name, v in pooled.items()
+        if "_student/" in name
+    }
+    row = groups[head]
+    curves: dict[int, list[float]] = {}
+    for o in outcomes:
+        for step, acc in o.curve:
+            curves.setdefault(step, []).append(acc)
+    return RecipeBench(
+        outcomes[0].recipe,
+        student=outcomes[0].student,
+        trainable_parameters=outcomes[0].trainable_parameters,
+        steps=outcomes[0].steps,
+        train_seconds=sum(o.train_seconds for o in outcomes) / len(outcomes),
+        accuracy={k: row[k] for k in ("color", "shape", "position", "all")},
+        heldout_accuracy={"all": row["heldout_all"]},
+        relative_accuracy=row.get("relative"),
+        intervals={"zh_student": row["interval"], "relative": row["relative_interval"]},
+        agreement={k: sum(o.agreement[k] for o in outcomes) / len(outcomes) for k in outcomes[0].agreement},
+        alignment=outcomes[0].alignment,
+        curve=[(step, sum(accs) / len(accs)) for step, accs in sorted(curves.items())],
+        train_seeds=[t for o in outcomes for t in o.train_seeds],
+        seed_accuracy=[o.accuracy["all"] for o in outcomes],
+        groups=groups,
+        final_loss=outcomes[-1].final_loss,
+    )
 
 
 def _target_note(outcome: RecipeBench, by_recipe: Mapping[str, RecipeBench]) -> str:
@@ -188,31 +245,57 @@ def _target_note(outcome: RecipeBench, by_recipe: Mapping[str, RecipeBench]) -> 
 def write_plot(
     outcomes: Sequence[RecipeBench], teacher_all: float | None, path: Path, title: str = "Toy world"
 ) -> Path:
-    """PNG of Chinese-prompt all-attribute accuracy against training updates, one line per recipe."""
+    """PNG of the headline accuracy against training updates, one line per recipe, and beside it each recipe's
+    final accuracy per language and scene kind with its 95% interval (pooled over training seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    scored = [o for o in outcomes if not o.error and o.groups]
+    names = sorted({name for o in scored for name in o.groups}, key=_group_order)
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12.0, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
     for outcome in outcomes:
         if outcome.curve:
             xs, ys = zip(*outcome.curve)
             ax.plot(xs, [100 * y for y in ys], marker="o", label=outcome.recipe)
-    if teacher_all is not None:
-        ax.axhline(100 * teacher_all, color="black", linestyle="--", linewidth=1, label="English teacher")
-        ax.axhline(90 * teacher_all, color="grey", linestyle=":", linewidth=1, label="90% of teacher")
+    for axis in (ax, bars):
+        if teacher_all is not None:
+            axis.axhline(100 * teacher_all, color="black", linestyle="--", linewidth=1, label="English teacher")
+            axis.axhline(90 * teacher_all, color="grey", linestyle=":", linewidth=1, label="90% of teacher")
+        axis.set_ylim(0, 105)  # room for the teacher line at 100%
+        axis.grid(alpha=0.3)
     ax.set_xlabel("training updates")
-    ax.set_ylabel("zh accuracy, all attributes (%)")
-    ax.set_ylim(0, 105)  # room for the teacher line at 100%
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("all attributes right (%)")
     ax.legend(fontsize=8)
-    ax.set_title(f"{title}: Chinese-prompt accuracy per recipe")
+    ax.set_title(f"{title}: headline accuracy per recipe", fontsize=10)
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        means = np.array([100 * o.groups.get(name, {}).get("all", np.nan) for o in scored])
+        lows = np.array([100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[0] for o in scored])
+        highs = np.array([100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[1] for o in scored])
+        xs = np.arange(len(scored)) + (k - (len(names) - 1) / 2) * width
+        bars.bar(xs, means, width, label=group_label(name).removeprefix("student, "))
+        bars.errorbar(xs, means, yerr=[means - lows, highs - means], fmt="none", ecolor="black", capsize=2, lw=0.8)
+    bars.set_xticks(np.arange(len(scored)), [o.recipe for o in scored])
+    bars.set_title("final accuracy per language and scene kind, 95% intervals", fontsize=10)
+    bars.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _group_order(name: str) -> tuple[int, int, str]:
+    """Single-object rows first, then pairs; languages in the world's order, ``mixed`` last."""
+    from xling.train.toyworld.world import MIXED, TARGET_LANGUAGES
+
+    condition, _, kind = name.partition("/")
+    language = condition.removesuffix("_student")
+    order = [*TARGET_LANGUAGES, MIXED]
+    return (kind == "pair", order.index(language) if language in order else len(order), name)
 
 
 def bench_markdown(
@@ -221,23 +304,27 @@ def bench_markdown(
     """The generated section of ``docs/toyworld.md``: settings, table, targets, plot."""
     by_recipe = {o.recipe: o for o in outcomes}
     teacher = settings.get("teacher", TOY)
+    lang = settings.get("languages", ["zh"])[0]
     lines = [
         "### Results" if teacher == TOY else f"### Results on the `{teacher}` teacher",
         "",
         f"Measured {settings['date']} on {settings['device']} ({settings['threads']} threads), "
         f"`{settings['command']}`.",
-        f"Student: {settings['student']}; seed {settings['seed']}; sampler {settings['scheduler']}, "
+        f"Student: {settings['student']}; training seed(s) {settings.get('train_seeds', [settings['seed']])}; "
+        f"language(s) {', '.join(settings.get('languages', ['zh']))}; sampler {settings['scheduler']}, "
         f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}; "
-        f"{settings['scenes']} single-object scenes ({settings['heldout_scenes']} held out) x seeds "
-        f"{settings['seeds']}.",
+        f"{settings['scenes']} single-object scenes ({settings['heldout_scenes']} held out)"
+        + (f" and {settings['pair_scenes']} two-object scenes" if settings.get("pair_scenes") else "")
+        + f" x sampling seeds {settings['seeds']}.",
         "",
-        "Intervals: 95% percentile bootstrap over the scored images (scenes x seeds), 2,000 draws; the one of "
-        "*of teacher* resamples the student's and the teacher's verdicts on the same rows.",
+        "Intervals: 95% percentile bootstrap over the scored images (scenes x sampling seeds x training seeds), "
+        "2,000 draws; the one of *of teacher* resamples the student's and the teacher's verdicts on the same rows. "
+        "*per seed*: the headline accuracy of each training seed alone.",
         "",
-        "| recipe | student | trainable params | steps | train wall time | zh color | zh shape | zh position | zh all "
-        "| zh all, 95% interval | zh all, held-out | of teacher | of teacher, 95% interval | latent MSE | PSNR (dB) "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| recipe | student | trainable params | steps | train wall time | {lang} color | {lang} shape "
+        f"| {lang} position | {lang} all | {lang} all, 95% interval | per seed | {lang} all, held-out | of teacher "
+        "| of teacher, 95% interval | latent MSE | PSNR (dB) | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if reference is not None:
         for name, label in (
@@ -249,12 +336,12 @@ def bench_markdown(
             interval = format_interval(reference.intervals.get(name)) or "-"
             lines.append(
                 f"| *{label}* | - | - | - | - | {format_percent(acc['color'])} | {format_percent(acc['shape'])} | {format_percent(acc['position'])} "
-                f"| {format_percent(acc['all'])} | {interval} | {format_percent(held)} | - | - | - | - | - |"
+                f"| {format_percent(acc['all'])} | {interval} | - | {format_percent(held)} | - | - | - | - | - |"
             )
     for o in outcomes:
         if o.error:
             lines.append(
-                f"| {o.recipe} | {o.student} | - | - | - | - | - | - | - | - | - | - | - | - | - | failed: {o.error[:80]} |"
+                f"| {o.recipe} | {o.student} | - | - | - | - | - | - | - | - | - | - | - | - | - | - | failed: {o.error[:80]} |"
             )
             continue
         acc = o.accuracy
@@ -263,14 +350,28 @@ def bench_markdown(
             f"| {o.recipe} | {o.student} | {o.trainable_parameters:,} | {o.steps} | {o.train_seconds:.0f} s | {format_percent(acc['color'])} "
             f"| {format_percent(acc['shape'])} | {format_percent(acc['position'])} | **{format_percent(acc['all'])}** "
             f"| {format_interval(o.intervals.get('zh_student')) or '-'} "
+            f"| {' / '.join(f'{100 * a:.1f}' for a in o.seed_accuracy) or '-'} "
             f"| {format_percent(o.heldout_accuracy.get('all'))} | {format_percent(o.relative_accuracy)} "
             f"| {format_interval(o.intervals.get('relative')) or '-'} "
             f"| {o.agreement['latent_mse']:.4g} | {psnr_text} | {_target_note(o, by_recipe)} |"
         )
     lines.append("")
+    groups = {f"{o.recipe}: {name}": g for o in outcomes if not o.error for name, g in o.groups.items()}
+    if len(groups) > len([o for o in outcomes if not o.error]):  # several languages or scene kinds
+        teacher_rows = reference.groups if reference is not None else {}
+        rows = {name: g for name, g in teacher_rows.items() if name.startswith("en_teacher/")}
+        lines += group_table({**rows, **groups}, label=_bench_group_label)
     if plot:
-        lines += [f"![zh accuracy against training updates]({plot})", ""]
+        lines += [f"![accuracy against training updates, and per language with 95% intervals]({plot})", ""]
     return "\n".join(lines)
+
+
+def _bench_group_label(name: str) -> str:
+    """``"iap: ja_student/pair"`` -> ``"iap, ja, two objects"``; teacher rows as :func:`group_label`."""
+    recipe, sep, group = name.partition(": ")
+    if not sep:
+        return group_label(name)
+    return f"{recipe}, " + group_label(group).removeprefix("student, ")
 
 
 def update_doc(doc: Path, section: str, teacher: str = TOY) -> Path:
@@ -302,7 +403,10 @@ def run_bench(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     student: str | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
+    languages: str | Sequence[str] = "zh",
+    scene_kind: str = "single",
+    max_pair_scenes: int | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     output_dir: Path = Path("runs/bench"),
     doc: Path | None = Path("docs/toyworld.md"),
@@ -317,14 +421,22 @@ def run_bench(
         steps: Updates for every recipe (``None``: each recipe's toy-section ``max_steps``, the budget of a
             plain ``xling train <recipe>``).
         recipe_steps: Per-recipe updates over ``steps``.
-        eval_every: Evaluate every N updates (0: only at the end).
+        eval_every: Evaluate every N updates of the first training seed (0: only at the end); the other seeds
+            are scored at the end only.
         seeds: Sampling seeds of every evaluation.
         max_scenes: Evaluate a fixed subset of this many scenes (``None``: every single-object scene).
         num_inference_steps: Sampler steps (``None``: the toy teacher's default).
         guidance_scale: Guidance (``None``: the toy teacher's default).
         student: The toy student of every recipe (``"pretrained"``, ``"random"``, ``"aligned"``); ``None``: each
             recipe's own.
-        seed: Training seed, shared by every recipe.
+        seed: Training seed(s), shared by every recipe; with several, each recipe trains once per seed and
+            every number pools the images of all of them (the per-seed headline accuracies are kept too).
+        languages: The target language(s) every recipe trains on (several: one adapter on a mixed-language
+            corpus, from the multilingual toy students unless ``student`` says otherwise) and is scored in
+            (plus code-switched prompts when several).
+        scene_kind: Scenes scored: ``"single"``, ``"pair"`` or ``"both"``.
+        max_pair_scenes: Two-object scenes scored (``None``: the fixed set of
+            ``toyworld.world.PAIR_EVAL_SCENES``).
         overrides: ``{recipe: {key: value}}`` config overrides.
         output_dir: Run directories, ``bench.json`` and the plot's first copy.
         doc: The Markdown document to update (``None``: none); the plot goes beside it.
@@ -337,8 +449,15 @@ def run_bench(
 
     from xling.train.evaluation import load_pipeline, sampler_defaults
 
+    from xling.train.config import load_config
+    from xling.train.toyworld.world import parse_languages
+
     if teacher not in TOY_TEACHERS:
         raise ValueError(f"the bench runs on a toy teacher ({', '.join(TOY_TEACHERS)}), not {teacher!r}")
+    codes = parse_languages(languages)
+    train_seeds = [seed] if isinstance(seed, int) else list(seed)
+    if not train_seeds:
+        raise ValueError("the bench needs at least one training seed")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(teacher)
@@ -348,6 +467,8 @@ def run_bench(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "max_scenes": max_scenes,
+        "scene_kind": scene_kind,
+        **({"max_pair_scenes": max_pair_scenes} if max_pair_scenes is not None else {}),
         "num_examples": 0,
     }
     cache: dict = {}
@@ -356,35 +477,48 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="xling-bench-") as tmp:
         for recipe in recipes:
             budget = (recipe_steps or {}).get(recipe, steps)
-            cfg_overrides = {
-                "teacher": teacher,
-                **({"student": f"toy-{student}"} if student is not None else {}),
-                "seed": seed,
-                **({"max_steps": int(budget)} if budget is not None else {}),
-                "output_dir": str(output_dir / recipe),
-                "overwrite": True,  # the bench's own folder: a new bench replaces the last one's run
-                "eval.enabled": False,
-                "checkpoint_every": 0,
-                "log_with": "none",
-                **dict((overrides or {}).get(recipe, {})),
-            }
-            print(f"xling bench: {recipe} ({budget or 'default'} updates)", flush=True)
-            try:
-                outcome, final = bench_recipe(
-                    recipe,
-                    cfg_overrides,
-                    pipe=pipe,
-                    eval_every=eval_every,
-                    eval_kwargs=eval_kwargs,
-                    reference_cache=cache,
-                    workdir=Path(tmp),
-                )
-                reference = final
-                print(f"  {recipe} done: {final.summary()}; train {outcome.train_seconds:.0f} s", flush=True)
-            except Exception as err:  # one failing recipe must not lose the others' numbers
-                outcome = RecipeBench(recipe, error=f"{type(err).__name__}: {err}")
-                print(f"  {recipe} FAILED: {outcome.error}", file=sys.stderr, flush=True)
-            outcomes.append(outcome)
+            chosen = f"toy-{student}" if student is not None else None
+            if chosen is None and codes != ("zh",):
+                # The Chinese toy students cannot read the other languages: their multilingual counterparts.
+                own = load_config(recipe, None, {"teacher": teacher}).student
+                chosen = "toy-multilingual-aligned" if own == "toy-aligned" else "toy-multilingual"
+            runs = []
+            for k, train_seed in enumerate(train_seeds):
+                folder = output_dir / recipe if len(train_seeds) == 1 else output_dir / recipe / f"seed{train_seed}"
+                cfg_overrides = {
+                    "teacher": teacher,
+                    **({"student": chosen} if chosen is not None else {}),
+                    "language": ",".join(c for c in codes if c != "mixed") or "mixed",
+                    "seed": train_seed,
+                    **({"max_steps": int(budget)} if budget is not None else {}),
+                    "output_dir": str(folder),
+                    "overwrite": True,  # the bench's own folder: a new bench replaces the last one's run
+                    "eval.enabled": False,
+                    "checkpoint_every": 0,
+                    "log_with": "none",
+                    **dict((overrides or {}).get(recipe, {})),
+                }
+                print(f"xling bench: {recipe} seed {train_seed} ({budget or 'default'} updates)", flush=True)
+                try:
+                    outcome, final = bench_recipe(
+                        recipe,
+                        cfg_overrides,
+                        pipe=pipe,
+                        # The curve comes from the first seed; the others are scored at the end only.
+                        eval_every=eval_every if k == 0 else 0,
+                        eval_kwargs=eval_kwargs,
+                        reference_cache=cache,
+                        workdir=Path(tmp),
+                    )
+                    reference = final
+                    print(f"  {recipe} done: {final.summary()}; train {outcome.train_seconds:.0f} s", flush=True)
+                    runs.append((outcome, final))
+                except Exception as err:  # one failing recipe must not lose the others' numbers
+                    runs = []
+                    outcome = RecipeBench(recipe, error=f"{type(err).__name__}: {err}")
+                    print(f"  {recipe} FAILED: {outcome.error}", file=sys.stderr, flush=True)
+                    break
+            outcomes.append(pool_seeds(runs) if runs else outcome)
 
     settings = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -393,12 +527,22 @@ def run_bench(
         "command": command,
         "teacher": teacher,
         "student": f"{student} toy student" if student else "each recipe's own toy student",
-        "seed": seed,
+        "seed": train_seeds[0],
+        "train_seeds": train_seeds,
+        "languages": list(codes),
+        "scene_kind": scene_kind,
         "seeds": list(seeds),
         **(
             {
                 k: reference.settings[k]
-                for k in ("scheduler", "num_inference_steps", "guidance_scale", "scenes", "heldout_scenes")
+                for k in (
+                    "scheduler",
+                    "num_inference_steps",
+                    "guidance_scale",
+                    "scenes",
+                    "heldout_scenes",
+                    "pair_scenes",
+                )
             }
             if reference is not None
             else {
@@ -407,6 +551,7 @@ def run_bench(
                 "guidance_scale": "?",
                 "scenes": 0,
                 "heldout_scenes": 0,
+                "pair_scenes": 0,
             }
         ),
     }

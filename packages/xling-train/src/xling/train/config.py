@@ -65,6 +65,9 @@ class DataConfig:
         "'skip' (counted and reported) or 'fail' on a malformed row, unreadable image or empty caption.",
     )
     num_samples: int = option(512, "Toy world only: number of generated training pairs.")
+    pair_fraction: float = option(
+        0.0, "Toy world only: share of the generated rows that are two-object scenes ('a red circle left of ...')."
+    )
     val_samples: int = option(16, "Rows held out for validation (toy world: held-out combinations).")
     num_workers: int = option(0, "DataLoader worker processes.")
     resolution: int | None = option(
@@ -103,6 +106,12 @@ class EvalConfig:
     max_scenes: int | None = option(
         None, "Toy world: evaluate a fixed subset of this many scenes (None: all)."
     )
+    scene_kind: Literal["single", "pair", "both"] = option(
+        "single",
+        "Toy world: score single-object scenes, a fixed set of two-object ones, or both (every language the "
+        "adapter reads is scored, code-switched prompts too for a multilingual one).",
+    )
+    max_pair_scenes: int = option(48, "Toy world: two-object scenes scored (a fixed set) when scene_kind has pairs.")
 
 
 @dataclass
@@ -117,7 +126,14 @@ class RecipeConfig:
     )
     student: str = option(
         TOY,
-        "Student encoder directory or Hub id ('toy': the MLM-pretrained toy student; 'toy-random', 'toy-aligned').",
+        "Student encoder directory or Hub id ('toy': the MLM-pretrained Chinese toy student; 'toy-random', "
+        "'toy-aligned'; 'toy-multilingual' and 'toy-multilingual-aligned': one student for every toy language).",
+    )
+    language: str = option(
+        "zh",
+        "Language code of the student's prompts, recorded in the adapter. On the toy world it picks the captions: "
+        "'zh', 'ja', 'ko', 'es', 'ar', 'mixed' (code-switched), comma-separated codes for one adapter on a "
+        "mixed-language corpus ('zh,ja'), or 'all' (every target language).",
     )
     student_max_length: int = option(
         77,
@@ -512,12 +528,23 @@ def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
             raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]}")
     if config.student_max_length < 3:
         raise ValueError(f"config key 'student_max_length' must be >= 3, got {config.student_max_length}")
+    if not config.language.strip():
+        raise ValueError("config key 'language' must name a language code, got an empty string")
+    if config.data.path in (None, TOY) and is_toy_teacher(config.teacher):
+        from xling.train.toyworld.world import parse_languages
+
+        try:
+            parse_languages(config.language)
+        except ValueError as err:
+            raise ValueError(f"config key 'language': {err}") from None
     if config.data.latent_cache is not None and getattr(config, "latents", None) == "sample":
         # The cache holds each image's posterior mode (docs/data.md).
         raise ValueError(
             "config key 'latents' is 'sample', which needs the images themselves, but data.latent_cache is set; "
             "drop the cache or set --latents mode"
         )
+    if not 0.0 <= config.data.pair_fraction <= 1.0:
+        raise ValueError(f"config key 'data.pair_fraction' must be in [0, 1], got {config.data.pair_fraction}")
     if config.data.resolution is not None and config.data.resolution < 1:
         raise ValueError(f"config key 'data.resolution' must be >= 1 or null, got {config.data.resolution}")
     if needs_data and config.data.path is None:
@@ -526,6 +553,16 @@ def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
             "--data PATH (a JSONL/CSV/TSV/Parquet file, a folder of them or WebDataset tar shards), or "
             "--data toy to train on the toy world's generated captions"
         )
+
+
+def recorded_language(config: RecipeConfig) -> str:
+    """The language code(s) an adapter of ``config`` records: on the toy world ``config.language`` spelled out
+    (``"all"`` -> ``"zh,ja,ko,es,ar"``), else as given."""
+    if config.data.path in (None, TOY) and is_toy_teacher(config.teacher):
+        from xling.train.toyworld.world import parse_languages
+
+        return ",".join(parse_languages(config.language))
+    return config.language
 
 
 def dump_yaml(config: RecipeConfig) -> str:

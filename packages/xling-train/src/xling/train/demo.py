@@ -94,12 +94,14 @@ LANGUAGE_NAMES: dict[str, str] = {
     "de": "German",
     "fr": "French",
     "es": "Spanish",
+    "ar": "Arabic",
+    "mixed": "code-switched",
 }
 
 
 def language_name(code: str) -> str:
-    """``"zh"`` -> ``"Chinese"``; a code the page does not know, as is."""
-    return LANGUAGE_NAMES.get(code, code)
+    """``"zh"`` -> ``"Chinese"``, ``"zh,ja"`` -> ``"Chinese/Japanese"``; a code the page does not know, as is."""
+    return "/".join(LANGUAGE_NAMES.get(c.strip(), c.strip()) for c in code.split(","))
 
 
 class DemoInputError(ValueError):
@@ -593,14 +595,20 @@ def resolve_adapter(
 
 def example_pairs(language: str, limit: int = NUM_EXAMPLES) -> list[tuple[str, str]]:
     """``(prompt, English prompt)`` pairs for the example gallery: the toy grammar's held-out scenes (plain
-    scene descriptions any SD model can draw), for a Chinese adapter; none for another language (the grammar
-    writes Chinese only)."""
-    if language != "zh":
-        return []
+    scene descriptions any SD model can draw) in the adapter's language, taking turns between the languages of
+    a multilingual adapter; none for a language the toy grammars do not write."""
     from xling.train.evaluation.toy import heldout_caption_pairs
+    from xling.train.toyworld.world import parse_languages
 
-    en, zh = heldout_caption_pairs(limit)
-    return list(zip(zh, en, strict=True))
+    try:
+        codes = parse_languages(language)
+    except ValueError:
+        return []
+    by_language = {code: heldout_caption_pairs(limit, language=code) for code in codes}
+    return [
+        (by_language[codes[i % len(codes)]][1][i], by_language[codes[i % len(codes)]][0][i])
+        for i in range(len(by_language[codes[0]][0]))
+    ]
 
 
 def load_demo(

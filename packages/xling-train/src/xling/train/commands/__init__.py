@@ -38,3 +38,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_default: str
     parser.add_argument(
         "--variant", default=None, help="teacher weight-file variant, e.g. fp16 (*.fp16.safetensors)"
     )
+
+
+def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--scene-kind`` and ``--max-pair-scenes``: which toy-world scenes are scored."""
+    parser.add_argument(
+        "--scene-kind",
+        choices=("single", "pair", "both"),
+        default="single",
+        help="toy world: score single-object scenes, a fixed set of two-object ones, or both",
+    )
+    parser.add_argument(
+        "--max-pair-scenes", type=int, default=48, help="toy world: two-object scenes scored (a fixed set)"
+    )

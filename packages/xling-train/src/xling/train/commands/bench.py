@@ -10,6 +10,10 @@ Chinese-prompt accuracy per attribute, agreement with the teacher) and a plot of
 steps, written between the bench markers of ``--doc`` (the rest of the document is kept), plus ``bench.json``
 in ``--output-dir``.
 
+``--seed 0 1 2`` trains each recipe at three seeds and pools their images into every number and interval;
+``--language ja`` (or ``all``: one adapter on a mixed-language corpus, scored per language and on code-switched
+prompts) and ``--scene-kind both`` add languages and two-object scenes to the table and the plot.
+
 A tiny run for CI: ``xling bench --recipes align iap --steps 4 --eval-every 0 --max-scenes 4 --seeds 0``.
 """
 
@@ -20,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xling.train.commands import add_scene_arguments
 from xling.train.recipes import RECIPES
 from xling.train.toyworld.names import TOY_STUDENTS, TOY_TEACHERS
 
@@ -53,7 +58,10 @@ def register(subparsers: Any) -> None:
         help="per-recipe step budgets over --steps",
     )
     parser.add_argument(
-        "--eval-every", type=int, default=50, help="evaluate every N updates (0: only at the end)"
+        "--eval-every",
+        type=int,
+        default=100,
+        help="evaluate every N updates of the first training seed (0: only at the end)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="sampling seeds")
     parser.add_argument("--max-scenes", type=int, default=None, help="evaluate a fixed subset of scenes")
@@ -67,7 +75,22 @@ def register(subparsers: Any) -> None:
         default=None,
         help="toy student for every recipe (default: each recipe's own)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="training seed, the same for every recipe")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="training seeds, the same for every recipe: each recipe trains once per seed and every number "
+        "pools their images (default: 0 1 2)",
+    )
+    parser.add_argument(
+        "--language",
+        default="zh",
+        help="target language(s) to train and score: zh, ja, ko, es, ar, comma-separated for one adapter on a "
+        "mixed-language corpus (scored per language and on code-switched prompts), or all",
+    )
+    add_scene_arguments(parser)
     parser.add_argument(
         "--set",
         nargs="*",
@@ -110,7 +133,10 @@ def _bench(args: argparse.Namespace) -> int:
     from xling.train.bench import parse_overrides, run_bench
     from xling.train.evaluation import format_percent
 
+    from xling.train.toyworld.world import parse_languages
+
     try:
+        languages = parse_languages(args.language)
         overrides = parse_overrides(args.set, args.recipes)
         recipe_steps = {}
         for item in args.recipe_steps:
@@ -133,6 +159,9 @@ def _bench(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         student=args.student,
         seed=args.seed,
+        languages=args.language,
+        scene_kind=args.scene_kind,
+        max_pair_scenes=args.max_pair_scenes,
         overrides=overrides,
         output_dir=args.output_dir
         or Path("runs/bench" if args.teacher == "toy" else f"runs/bench-{args.teacher}"),
@@ -142,7 +171,8 @@ def _bench(args: argparse.Namespace) -> int:
     for o in outcomes:
         status = (
             o.error
-            or f"zh all {format_percent(o.accuracy.get('all'))}, of teacher {format_percent(o.relative_accuracy)}"
+            or f"{languages[0]} all {format_percent(o.accuracy.get('all'))}, of teacher "
+            f"{format_percent(o.relative_accuracy)}"
         )
         print(f"{o.recipe}: {status}")
     return 1 if any(o.error for o in outcomes) else 0

@@ -2,8 +2,9 @@
 
 The teacher is the one the adapter records (``--teacher`` overrides it; toy for an adapter that records
 none), and the adapter's widths are checked against it before anything is sampled.
-With the toy teacher every single-object scene is generated from its Chinese caption by the
-student and from the parallel English caption by the teacher, at the same seeds, and the checker scores both.
+With the toy teacher every single-object scene (``--scene-kind pair|both``: two-object scenes too) is
+generated from its caption in each language the adapter reads (``--language``) by the student and from the
+parallel English caption by the teacher, at the same seeds, and the checker scores both.
 With another ``--teacher``, ``--prompts`` gives parallel captions (JSONL with ``en`` and ``zh`` keys; default:
 captions of the toy grammar) and the report has alignment, agreement and, with ``--clip-model``, CLIP score.
 Metrics are printed and written to ``--out`` as ``report.md``, ``metrics.json`` and ``grid.png``.
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xling.train.commands import add_model_arguments
+from xling.train.commands import add_model_arguments, add_scene_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +51,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--no-paraphrase", action="store_true", help="toy world: canonical captions only")
     parser.add_argument(
+        "--language",
+        default=None,
+        help="toy world: languages to score, comma-separated (zh, ja, ko, es, ar, mixed, all; default: the "
+        "adapter's own, plus mixed for a multilingual adapter)",
+    )
+    add_scene_arguments(parser)
+    parser.add_argument(
         "--out", type=Path, default=None, metavar="DIR", help="report directory (default: runs/eval/NAME)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -70,6 +78,9 @@ def _run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             paraphrase=not args.no_paraphrase,
             max_scenes=args.max_scenes,
+            languages=args.language,
+            scene_kind=args.scene_kind,
+            max_pair_scenes=args.max_pair_scenes,
             clip_model=args.clip_model,
             device=args.device,
             student_path=args.student_path,

@@ -60,7 +60,7 @@ class Batch:
 
 
 _EN = ("en", "english")
-_ZH = ("zh", "target")
+_ZH = ("target", "zh")
 _IMAGE = ("image", "pixels", "pixel_values")
 _CULTURE = ("culture_only", "culture")
 

@@ -174,8 +174,22 @@ def load_rows(
         # Training pairs come from the training scenes; validation from the held-out combinations.
         size = int(resolution or 32)
         return (
-            ToyWorldDataset("train", size=size, seed=config.seed, length=data.num_samples),
-            ToyWorldDataset("heldout", size=size, seed=config.seed + 1, length=max(1, data.val_samples)),
+            ToyWorldDataset(
+                "train",
+                size=size,
+                seed=config.seed,
+                length=data.num_samples,
+                pair_fraction=data.pair_fraction,
+                languages=config.language,
+            ),
+            ToyWorldDataset(
+                "heldout",
+                size=size,
+                seed=config.seed + 1,
+                length=max(1, data.val_samples),
+                pair_fraction=data.pair_fraction,
+                languages=config.language,
+            ),
         )
     streamed_kwargs: dict[str, Any] = {}
     if accelerator is not None and _streams(_corpus_files(data.path)):

@@ -37,6 +37,8 @@ from xling.train.evaluation.pairs import evaluate_pairs
 from xling.train.evaluation.report import (
     format_interval,
     format_percent,
+    group_label,
+    group_table,
     report_markdown,
     write_grid,
     write_images,
@@ -62,7 +64,7 @@ from xling.train.evaluation.sampling import (
     teacher_conditioning,
     toy_sampler_defaults,
 )
-from xling.train.evaluation.toy import evaluate_toy
+from xling.train.evaluation.toy import evaluate_toy, group_summary, student_languages
 
 __all__ = [
     "ATTRIBUTES",
@@ -82,6 +84,9 @@ __all__ = [
     "format_interval",
     "format_percent",
     "generate_images",
+    "group_label",
+    "group_summary",
+    "group_table",
     "latent_mse",
     "load_pipeline",
     "pipeline_teacher",
@@ -93,6 +98,7 @@ __all__ = [
     "sample",
     "sampler_defaults",
     "student_conditioning",
+    "student_languages",
     "teacher_conditioning",
     "toy_sampler_defaults",
     "write_grid",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,41 @@ _CONDITION_LABELS = {
 }
 
 
+def group_label(name: str) -> str:
+    """``"ja_student/pair"`` -> ``"student, ja, two objects"``."""
+    condition, _, kind = name.partition("/")
+    scene = {"single": "one object", "pair": "two objects"}.get(kind, kind)
+    if condition.endswith("_student"):
+        return f"student, {condition.removesuffix('_student')}, {scene}"
+    return f"{_CONDITION_LABELS.get(condition, condition).split(' (')[0]}, {scene}"
+
+
+def group_table(
+    groups: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = group_label
+) -> list[str]:
+    """Markdown lines of :attr:`EvalResult.groups`: one row per condition, language and scene kind, each named
+    by ``label``."""
+    lines = [
+        "### Per language and scene kind",
+        "",
+        "| condition | color | shape | position | relation | all | all, 95% interval | held-out all "
+        "| of teacher | of teacher, 95% interval |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, g in groups.items():
+        cells = [format_percent(g.get(a)) for a in ("color", "shape", "position")]
+        cells.append(format_percent(g["relation"]) if "relation" in g else "-")
+        cells += [
+            f"**{format_percent(g['all'])}**",
+            format_interval(g.get("interval")) or "-",
+            format_percent(g.get("heldout_all")),
+            format_percent(g["relative"]) if g.get("relative") is not None else "-",
+            format_interval(g.get("relative_interval")) or "-",
+        ]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def report_markdown(
     result: EvalResult, *, title: str = "xling evaluation", grid: str | None = "grid.png"
 ) -> str:
@@ -110,10 +145,16 @@ def report_markdown(
         f"{s.get('num_inference_steps')} steps, guidance {s.get('guidance_scale')}; seeds {s.get('seeds')}."
     )
     if "scenes" in s:
+        pairs = s.get("pair_scenes") or 0
+        scenes = f"{s['scenes']} single-object scenes ({s['heldout_scenes']} held out)"
+        if pairs:
+            scenes += f" and {pairs} two-object scenes ({s.get('heldout_pair_scenes', 0)} held out)"
         lines.append(
-            f"{s['scenes']} single-object scenes ({s['heldout_scenes']} held out) x {len(s['seeds'])} seeds = "
-            f"{s['images_per_condition']} images per condition; paraphrased captions: {s['paraphrase']}."
+            f"{scenes} x {len(s['seeds'])} seeds = {s['images_per_condition']} images per condition; "
+            f"paraphrased captions: {s['paraphrase']}."
         )
+        if s.get("languages", ["zh"]) != ["zh"]:
+            lines.append(f"Student prompts in: {', '.join(s['languages'])} (the first is the headline).")
     lines.append("")
     if result.accuracy:
         lines += [
@@ -143,6 +184,8 @@ def report_markdown(
             + (f" (95% bootstrap interval over scenes x seeds: {interval})." if interval else "."),
             "",
         ]
+        if len(result.groups) > 3:  # more than one language or scene kind: the full breakdown
+            lines += group_table(result.groups)
     a = result.alignment
     lines += [
         "## Alignment" + (" (held-out scenes)" if result.accuracy else ""),

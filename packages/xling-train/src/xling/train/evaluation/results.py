@@ -40,6 +40,14 @@ class EvalResult:
         intervals: Toy world: 95% bootstrap intervals over the images (scenes x seeds) of each condition's
             ``all`` accuracy, and of ``relative_accuracy`` (key ``"relative"``, paired rows):
             ``{name: [low, high]}``. Empty elsewhere.
+        groups: Toy world: ``"<condition>/<kind>"`` -> one row per condition (``en_teacher``,
+            ``perfect_translation``, ``<language>_student`` for each scored language) and scene kind
+            (``single``, ``pair``): the attributes' accuracies (``relation`` too for pairs), ``n`` images,
+            ``interval`` of ``all``, ``heldout_all`` and, for a student, ``relative`` to the teacher on the
+            same kind with its paired ``relative_interval``. Empty elsewhere.
+        verdicts: The checker's verdict on every image behind ``groups`` (same keys; each verdict with a
+            ``heldout`` flag), so runs can be pooled (:func:`~xling.train.evaluation.toy.group_summary`); not in
+            ``to_dict``.
         alignment: ``token_cosine`` (``None`` when the student's length differs from the teacher's),
             ``mean_cosine`` (token means), ``pooled_cosine`` (SDXL), ``attention_mse`` (``None`` when not
             computed; ``settings["attention_mse_note"]`` then says why).
@@ -56,6 +64,8 @@ class EvalResult:
     heldout_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     relative_accuracy: float | None = None
     intervals: dict[str, list[float]] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verdicts: dict[str, list[dict[str, bool]]] = field(default_factory=dict)
     alignment: dict[str, float | None] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)
     clip_score: dict[str, float] | None = None
@@ -81,6 +91,7 @@ class EvalResult:
                 "heldout_accuracy": self.heldout_accuracy,
                 "relative_accuracy": self.relative_accuracy,
                 "intervals": self.intervals,
+                "groups": self.groups,
                 "alignment": self.alignment,
                 "agreement": self.agreement,
                 "clip_score": self.clip_score,

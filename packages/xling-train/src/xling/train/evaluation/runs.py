@@ -25,7 +25,7 @@ from xling.train.evaluation.sampling import (
     seeded_rows,
     student_conditioning,
 )
-from xling.train.evaluation.toy import evaluate_toy, heldout_caption_pairs
+from xling.train.evaluation.toy import PAIR_SCENES, evaluate_toy, heldout_caption_pairs
 from xling.train.toyworld.names import TOY, is_toy_teacher
 
 
@@ -124,6 +124,9 @@ def evaluate_adapter(
     guidance_scale: float | None = None,
     paraphrase: bool = True,
     max_scenes: int | None = None,
+    languages: str | Sequence[str] | None = None,
+    scene_kind: str = "single",
+    max_pair_scenes: int = PAIR_SCENES,
     clip_model: str | Path | None = None,
     num_examples: int = 8,
     device: str | torch.device = "cpu",
@@ -148,6 +151,9 @@ def evaluate_adapter(
         guidance_scale: Guidance (``None``: :func:`~xling.train.evaluation.sampler_defaults`).
         paraphrase: Toy world: seeded paraphrases instead of the canonical captions.
         max_scenes: Toy world: a fixed subset of this many scenes (``None``: all).
+        languages: Toy world: the languages to score (``None``: the adapter's own, see :func:`evaluate_toy`).
+        scene_kind: Toy world: ``"single"``, ``"pair"`` or ``"both"``.
+        max_pair_scenes: Toy world: two-object scenes scored (a fixed set).
         clip_model: CLIP model directory for the CLIP score (``None``: skipped).
         num_examples: Prompts kept for the PNG grid.
         device: Where the evaluation runs.
@@ -170,6 +176,9 @@ def evaluate_adapter(
             guidance_scale=guidance_scale,
             paraphrase=paraphrase,
             max_scenes=max_scenes,
+            languages=languages,
+            scene_kind=scene_kind,
+            max_pair_scenes=max_pair_scenes,
             **common,
         )
     if prompts is not None:
@@ -201,6 +210,8 @@ def write_run_report(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     max_scenes: int | None = None,
+    scene_kind: str = "single",
+    max_pair_scenes: int = PAIR_SCENES,
     device: str | torch.device = "cpu",
     title: str | None = None,
     prompt_pairs: Sequence[tuple[str, str]] | None = None,
@@ -223,6 +234,9 @@ def write_run_report(
         num_inference_steps: Sampler steps (``None``: the toy world's default).
         guidance_scale: Guidance (``None``: the toy world's default).
         max_scenes: Toy world: evaluate a fixed subset of this many scenes (``None``: all).
+        scene_kind: Toy world: ``"single"``, ``"pair"`` or ``"both"`` (every language the adapter reads is
+            scored, plus code-switched prompts for a multilingual one).
+        max_pair_scenes: Toy world: two-object scenes scored (a fixed set).
         device: Where the evaluation runs.
         title: Report title (default names the adapter directory).
         prompt_pairs: ``(en, zh)`` pairs of held-out rows (the validation split), scored off the toy world.
@@ -246,6 +260,7 @@ def write_run_report(
         num_inference_steps=num_inference_steps or DEFAULT_STEPS,
         guidance_scale=guidance_scale if guidance_scale is not None else DEFAULT_GUIDANCE,
         max_scenes=max_scenes,
+        **({"scene_kind": scene_kind, "max_pair_scenes": max_pair_scenes} if toy else {}),
         num_examples=num_prompts,
         device=device,
     )

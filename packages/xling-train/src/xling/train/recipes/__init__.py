@@ -161,6 +161,8 @@ def run_recipe(
                 num_inference_steps=cfg.eval.num_inference_steps,
                 guidance_scale=cfg.eval.guidance_scale,
                 max_scenes=cfg.eval.max_scenes,
+                scene_kind=cfg.eval.scene_kind,
+                max_pair_scenes=cfg.eval.max_pair_scenes,
                 prompt_pairs=pairs,
                 rows=result.rows,
             )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from xling.adapters import LanguageEncoder, ModelCardFacts
 from xling.core import Conditioning, Teacher
-from xling.train.config import RecipeConfig
+from xling.train.config import RecipeConfig, recorded_language
 from xling.train.data import Batch
 from xling.train.toyworld.names import (
     resolve_student,
@@ -219,7 +219,11 @@ def head_widths(teacher: Teacher, student: str) -> dict[str, Any]:
 
 def student_encoder(config: RecipeConfig, head: nn.Module, **kwargs: Any) -> LanguageEncoder:
     """A :class:`~xling.adapters.LanguageEncoder` on the student ``config.student`` names, with ``head``, reading
-    windows of ``config.student_max_length`` tokens."""
+    windows of ``config.student_max_length`` tokens of ``config.language``."""
     return LanguageEncoder.from_student(
-        resolve_student(config.student), head, max_length=config.student_max_length, **kwargs
+        resolve_student(config.student),
+        head,
+        max_length=config.student_max_length,
+        language=recorded_language(config),
+        **kwargs,
     )

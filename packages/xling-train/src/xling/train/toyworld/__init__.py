@@ -1,10 +1,12 @@
-"""The bilingual toy world: renderer, grammar, checker, dataset and the committed tiny English teacher.
+"""The multilingual toy world: renderer, grammars, checker, dataset and the committed tiny English teachers.
 
 Example:
     >>> from xling.train import toyworld
     >>> scene = toyworld.all_single_scenes()[0]
     >>> toyworld.caption_en(scene), toyworld.caption_zh(scene)
     ('a red circle on the left', '左边的红色圆形')
+    >>> toyworld.caption(scene, "es"), toyworld.caption(scene, "ko")
+    ('un círculo rojo a la izquierda', '왼쪽에 있는 빨간 원')
     >>> toyworld.check(toyworld.render(scene), scene)["all"]
     True
 """
@@ -18,11 +20,14 @@ _EXPORTS = {
     "COLORS": "xling.train.toyworld.world",
     "DEFAULT_GUIDANCE": "xling.train.toyworld.teacher",
     "DEFAULT_STEPS": "xling.train.toyworld.teacher",
+    "LANGUAGES": "xling.train.toyworld.world",
+    "MIXED": "xling.train.toyworld.world",
     "Obj": "xling.train.toyworld.world",
     "PALETTE": "xling.train.toyworld.world",
     "POSITIONS": "xling.train.toyworld.world",
     "SHAPES": "xling.train.toyworld.world",
     "Scene": "xling.train.toyworld.world",
+    "TARGET_LANGUAGES": "xling.train.toyworld.world",
     "TOY": "xling.train.toyworld.names",
     "TOY_MMDIT": "xling.train.toyworld.names",
     "TOY_STUDENTS": "xling.train.toyworld.names",
@@ -36,7 +41,9 @@ _EXPORTS = {
     "build_scheduler": "xling.train.toyworld.teacher",
     "build_text_encoder": "xling.train.toyworld.teacher",
     "build_unet": "xling.train.toyworld.teacher",
+    "caption": "xling.train.toyworld.world",
     "caption_en": "xling.train.toyworld.world",
+    "caption_mixed": "xling.train.toyworld.world",
     "caption_zh": "xling.train.toyworld.world",
     "check": "xling.train.toyworld.world",
     "english_words": "xling.train.toyworld.teacher",
@@ -47,6 +54,8 @@ _EXPORTS = {
     "is_heldout": "xling.train.toyworld.world",
     "is_toy_teacher": "xling.train.toyworld.names",
     "mmdit_teacher_path": "xling.train.toyworld.mmdit",
+    "pair_eval_scenes": "xling.train.toyworld.world",
+    "parse_languages": "xling.train.toyworld.world",
     "render": "xling.train.toyworld.world",
     "resolve_student": "xling.train.toyworld.names",
     "resolve_teacher": "xling.train.toyworld.names",

@@ -10,8 +10,9 @@ TOY_MMDIT = "toy-mmdit"
 #: Every name of a committed toy teacher: the UNet one (``toy``) and the MMDiT one.
 TOY_TEACHERS: tuple[str, ...] = (TOY, TOY_MMDIT)
 
-#: The committed toy students: ``student: toy`` is ``pretrained``; ``toy-random`` and ``toy-aligned`` the others.
-TOY_STUDENTS: tuple[str, ...] = ("pretrained", "random", "aligned")
+#: The committed toy students: ``student: toy`` is ``pretrained``; ``toy-random`` and ``toy-aligned`` the other
+#: Chinese ones; ``toy-multilingual`` (MLM on every target language) and ``toy-multilingual-aligned`` read all.
+TOY_STUDENTS: tuple[str, ...] = ("pretrained", "random", "aligned", "multilingual", "multilingual-aligned")
 
 
 def is_toy_teacher(name: object) -> bool:
@@ -63,7 +64,7 @@ def toy_student_variant(name: str) -> str | None:
 
 
 def resolve_student(name: str) -> str:
-    """A committed toy student (``"toy"``, ``"toy-random"``, ``"toy-aligned"``) -> its directory; anything else
+    """A committed toy student (``"toy"``, ``"toy-random"``, ``"toy-multilingual"``, ...) -> its directory; anything else
     is a path or Hub id, returned as is."""
     variant = toy_student_variant(name)
     if variant is None:

@@ -1,6 +1,6 @@
-"""The toy world's Chinese student: a tiny character-level BERT with a real fast tokenizer.
+"""The toy world's students: tiny character-level BERTs with real fast tokenizers.
 
-Three variants are committed under ``toyworld/assets/``, all in Hugging Face format (``config.json``,
+Five variants are committed under ``toyworld/assets/``, all in Hugging Face format (``config.json``,
 ``model.safetensors``, ``tokenizer.json``) so that ``AutoModel`` / ``AutoTokenizer`` load them like any hub
 student:
 
@@ -10,15 +10,24 @@ student:
   scratch student with a pretrained one;
 - ``student-aligned``: the pretrained student after the ``distill`` recipe (AltCLIP's teacher learning: its
   ``[CLS]`` regressed onto the toy teacher's pooled text embedding), a toy "multilingual CLIP" encoder, the
-  kind of frozen student PEA-Diffusion builds on.
+  kind of frozen student PEA-Diffusion builds on;
+- ``student-multilingual``: one student for every target language of the world (Chinese, Japanese, Korean,
+  Spanish, Arabic), its tokenizer one token per character over every script, MLM-pretrained on all of their
+  training-split captions (the code-switched ``mixed`` captions are not in the corpus, so mixed prompts are
+  scored zero-shot);
+- ``student-multilingual-aligned``: it, after ``distill`` on captions of every target language.
 
 All are written by ``scripts/pretrain_toy_student.py``; the functions here do the work so the script is a
 thin command line and the tests can build a miniature student the same way.
 
-The tokenizer is a WordPiece model whose vocabulary is one token per character: BERT's pre-tokenizer already
-splits every CJK character into its own word, so a character vocabulary is exactly "character level" and
-needs no trained merges. It covers every character the grammar writes, plus ASCII letters, digits and common
-punctuation so that stray input maps to real tokens rather than ``[UNK]``.
+The Chinese students' tokenizer is a WordPiece model whose vocabulary is one token per character: BERT's
+pre-tokenizer already splits every CJK character into its own word, so a character vocabulary is exactly
+"character level" and needs no trained merges. Kana, Hangul and Latin letters are not split that way, and
+BERT's accent stripping would take Hangul syllables apart into jamo (NFD) and drop Japanese voicing marks, so
+the multilingual tokenizer (:func:`build_multilingual_tokenizer`) isolates every character itself, composes
+(NFC) and lower-cases, and maps each character to one id. Both cover every character their grammars write,
+plus ASCII letters, digits and common punctuation so that stray input maps to real tokens rather than
+``[UNK]``.
 """
 
 from __future__ import annotations
@@ -36,17 +45,19 @@ import torch
 from xling.train.toyworld.names import TOY_STUDENTS
 
 if TYPE_CHECKING:
-    from transformers import BertModel, PreTrainedTokenizerBase
+    from transformers import BertModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "SPECIAL_TOKENS",
     "ToyStudentConfig",
+    "build_multilingual_tokenizer",
     "build_student_model",
     "build_student_tokenizer",
     "mask_tokens",
     "pretrain_mlm",
     "save_student",
     "student_path",
+    "world_captions",
     "world_chinese_captions",
 ]
 
@@ -124,19 +135,23 @@ def student_path(variant: str = "pretrained") -> Path:
     return path
 
 
-def world_chinese_captions(split: str = "train", variants: int = 8, seed: int = 0) -> list[str]:
-    """Every distinct Chinese caption the toy grammar writes for the scenes of one split.
+def world_captions(
+    split: str = "train", variants: int = 8, seed: int = 0, languages: Sequence[str] = ("zh",)
+) -> list[str]:
+    """Every distinct caption the toy grammars write in ``languages`` for the scenes of one split.
 
     Each scene of the split (single objects and two-object compositions) is written once in canonical form and
-    ``variants`` times with a seeded paraphrase generator, then duplicates are dropped (order kept).
+    ``variants`` times with a seeded paraphrase generator in each language, then duplicates are dropped (order
+    kept).
 
     Args:
         split: ``"train"``, ``"heldout"`` or ``"all"`` (both).
-        variants: Paraphrase draws per scene beside the canonical caption.
+        variants: Paraphrase draws per scene and language beside the canonical caption.
         seed: Seeds the paraphrase generator.
+        languages: Language codes (``xling.train.toyworld.world.LANGUAGES``, or ``"mixed"``).
 
     Returns:
-        The captions, deterministic for a given ``(split, variants, seed)``.
+        The captions, deterministic for a given ``(split, variants, seed, languages)``.
     """
     import numpy as np
 
@@ -150,10 +165,16 @@ def world_chinese_captions(split: str = "train", variants: int = 8, seed: int = 
     rng = np.random.default_rng(seed)
     captions: dict[str, None] = {}
     for scene in scenes:
-        captions[world.caption_zh(scene)] = None
-        for _ in range(variants):
-            captions[world.caption_zh(scene, rng=rng)] = None
+        for language in languages:
+            captions[world.caption(scene, language)] = None
+            for _ in range(variants):
+                captions[world.caption(scene, language, rng=rng)] = None
     return list(captions)
+
+
+def world_chinese_captions(split: str = "train", variants: int = 8, seed: int = 0) -> list[str]:
+    """:func:`world_captions` in Chinese alone (the Chinese students' corpus)."""
+    return world_captions(split, variants, seed, languages=("zh",))
 
 
 def _world_scenes(world, split: str) -> list:
@@ -199,6 +220,57 @@ def build_student_tokenizer(
         model_max_length=max_length,
     )
     return tokenizer
+
+
+def build_multilingual_tokenizer(
+    texts: Iterable[str], max_length: int = 64, extra_chars: str = _BASE_CHARS
+) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with exactly one token per character of ``texts`` (plus ``extra_chars``), any script.
+
+    Normalisation is NFC then lower case; every non-space character is its own piece (spaces only separate);
+    the template is BERT's (``[CLS] text [SEP]``, the same special tokens and ids 0..4), so a ``BertModel``
+    reads it as it reads the Chinese tokenizer. Saved, it is ``tokenizer.json`` with ``tokenizer_class``
+    ``PreTrainedTokenizerFast``, which ``AutoTokenizer`` loads as it is.
+
+    Args:
+        texts: Text whose characters must all be in the vocabulary.
+        max_length: ``model_max_length`` of the tokenizer.
+        extra_chars: Characters always added after the text's own.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``, ready for ``save_pretrained``.
+    """
+    import unicodedata
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars: dict[str, None] = {}
+    for text in (*texts, extra_chars):
+        for ch in unicodedata.normalize("NFC", text).lower():
+            if not ch.isspace():
+                chars[ch] = None
+    vocab = list(SPECIAL_TOKENS) + sorted(c for c in chars if c not in SPECIAL_TOKENS)
+    ids = {token: i for i, token in enumerate(vocab)}
+    backend = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
 
 
 def build_student_model(tokenizer: PreTrainedTokenizerBase, config: ToyStudentConfig) -> BertModel:

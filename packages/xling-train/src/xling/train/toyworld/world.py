@@ -1,15 +1,17 @@
-"""The bilingual toy world: scenes of coloured shapes, a renderer, an English/Chinese grammar and a checker.
+"""The multilingual toy world: scenes of coloured shapes, a renderer, grammars in six languages and a checker.
 
 A scene is one object (``a red circle on the left``) or two (``a red circle left of a blue square``). The
-renderer draws it on a plain dark background with a little seeded jitter; the grammar writes the same scene
-in English and Chinese with paraphrase variety, so (en, zh, image) triples are unlimited and exactly
-parallel; the checker reads colour, shape and position back from any image by colour segmentation,
+renderer draws it on a plain dark background with a little seeded jitter; the grammars write the same scene
+in English and in each target language of :data:`TARGET_LANGUAGES` (Chinese, Japanese, Korean, Spanish,
+Arabic: four scripts, SVO, SOV and noun-before-adjective orders, right to left) with paraphrase variety, and
+:func:`caption_mixed` code-switches between them inside one prompt, so (en, target, image) triples are
+unlimited and exactly parallel; the checker reads colour, shape and position back from any image by colour segmentation,
 connected components, centroid and fill ratio, so generated images can be scored against their scene.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Literal
@@ -29,11 +31,22 @@ __all__ = [
     "all_pair_scenes",
     "all_scenes",
     "all_single_scenes",
+    "LANGUAGES",
+    "MIXED",
+    "TARGET_LANGUAGES",
+    "caption",
+    "caption_ar",
     "caption_en",
+    "caption_es",
+    "caption_ja",
+    "caption_ko",
+    "caption_mixed",
     "caption_zh",
+    "parse_languages",
     "check",
     "evaluate_accuracy",
     "is_heldout",
+    "pair_eval_scenes",
     "render",
 ]
 
@@ -173,6 +186,17 @@ def all_pair_scenes(split: Split = "all") -> list[Scene]:
     return _filter(scenes, split)
 
 
+#: How many two-object scenes :func:`pair_eval_scenes` gives by default.
+PAIR_EVAL_SCENES = 48
+
+
+def pair_eval_scenes(count: int = PAIR_EVAL_SCENES) -> list[Scene]:
+    """The fixed two-object scenes every evaluation scores: the first ``count`` of a seeded shuffle of all 432
+    (both splits, about one in five held out)."""
+    pairs = all_pair_scenes()
+    return [pairs[i] for i in np.random.default_rng(1).permutation(len(pairs))[:count]]
+
+
 def all_scenes(split: Split = "all", kind: Literal["single", "pair", "both"] = "single") -> list[Scene]:
     """Scenes of ``split`` of one ``kind`` (single objects, pairs, or both)."""
     if kind not in ("single", "pair", "both"):
@@ -308,6 +332,300 @@ def caption_zh(scene: Scene, rng: np.random.Generator | None = None) -> str:
     )
 
 
+#: The target languages of the toy world, each with its own grammar; English is the teacher's language.
+TARGET_LANGUAGES: tuple[str, ...] = ("zh", "ja", "ko", "es", "ar")
+#: Every language a caption can be written in.
+LANGUAGES: tuple[str, ...] = ("en", *TARGET_LANGUAGES)
+#: The code-switched pseudo-language of :func:`caption_mixed` (two target languages in one prompt).
+MIXED = "mixed"
+
+# Japanese (SOV; kanji, hiragana): an adjective or ``の`` phrase before the noun, ``にある`` "which is at".
+_JA_COLOR = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い"}
+_JA_COLOR_ALT = {"red": "赤色の", "green": "緑色の", "blue": "青色の", "yellow": "黄色の"}
+_JA_SHAPE = {"circle": "丸", "square": "四角", "triangle": "三角"}
+_JA_SHAPE_ALT = {"circle": "円", "square": "正方形", "triangle": "三角形"}
+_JA_POS = {"left": "左", "right": "右", "top": "上", "bottom": "下"}
+_JA_POS_ALT = {"left": "左側", "right": "右側", "top": "上側", "bottom": "下側"}
+# Korean (SOV; Hangul, spaced words): adnominal colour before the noun, particles chosen by the final consonant.
+_KO_COLOR = {"red": "빨간", "green": "초록색", "blue": "파란", "yellow": "노란"}
+_KO_COLOR_ALT = {"red": "빨간색", "green": "녹색", "blue": "파란색", "yellow": "노란색"}
+_KO_SHAPE = {"circle": "원", "square": "사각형", "triangle": "삼각형"}
+_KO_SHAPE_ALT = {"circle": "동그라미", "square": "정사각형", "triangle": "세모"}
+_KO_POS = {"left": "왼쪽", "right": "오른쪽", "top": "위쪽", "bottom": "아래쪽"}
+_KO_POS_ALT = {"left": "좌측", "right": "우측", "top": "상단", "bottom": "하단"}
+# Spanish (Latin script shared with English; the noun before its adjective; every shape is masculine).
+_ES_COLOR = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo"}
+_ES_SHAPE = {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo"}
+_ES_POS = {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo"}
+_ES_POS_ALT = {
+    "left": "en la parte izquierda",
+    "right": "en la parte derecha",
+    "top": "en la parte superior",
+    "bottom": "en la parte inferior",
+}
+_ES_REL = {
+    ("left", "right"): "a la izquierda de",
+    ("right", "left"): "a la derecha de",
+    ("top", "bottom"): "encima de",
+    ("bottom", "top"): "debajo de",
+}
+_ES_REL_ALT = {
+    ("left", "right"): "al lado izquierdo de",
+    ("right", "left"): "al lado derecho de",
+    ("top", "bottom"): "por encima de",
+    ("bottom", "top"): "por debajo de",
+}
+# Arabic (right to left; the adjective after the noun, agreeing in gender: the circle is feminine).
+_AR_SHAPE = {"circle": "دائرة", "square": "مربع", "triangle": "مثلث"}
+_AR_FEMININE = {"circle"}
+_AR_COLOR_M = {"red": "أحمر", "green": "أخضر", "blue": "أزرق", "yellow": "أصفر"}
+_AR_COLOR_F = {"red": "حمراء", "green": "خضراء", "blue": "زرقاء", "yellow": "صفراء"}
+_AR_POS = {"left": "على اليسار", "right": "على اليمين", "top": "في الأعلى", "bottom": "في الأسفل"}
+_AR_POS_ALT = {
+    "left": "في الجهة اليسرى",
+    "right": "في الجهة اليمنى",
+    "top": "في الجزء العلوي",
+    "bottom": "في الجزء السفلي",
+}
+_AR_REL = {
+    ("left", "right"): "على يسار",
+    ("right", "left"): "على يمين",
+    ("top", "bottom"): "فوق",
+    ("bottom", "top"): "تحت",
+}
+
+
+def _ko_subject(word: str) -> str:
+    """``word`` with the subject particle its last syllable takes: 이 after a final consonant, else 가."""
+    return word + ("이" if (ord(word[-1]) - 0xAC00) % 28 else "가")
+
+
+def _ko_topic(word: str) -> str:
+    """``word`` with the topic particle: 은 after a final consonant, else 는."""
+    return word + ("은" if (ord(word[-1]) - 0xAC00) % 28 else "는")
+
+
+def caption_ja(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Japanese caption of ``scene``; ``rng=None`` gives the canonical form ("左にある赤い丸")."""
+    if not scene.is_pair:
+        (o,) = scene.objects
+        c, c2, s, s2 = _JA_COLOR[o.color], _JA_COLOR_ALT[o.color], _JA_SHAPE[o.shape], _JA_SHAPE_ALT[o.shape]
+        p, p2 = _JA_POS[o.position], _JA_POS_ALT[o.position]
+        return _pick(
+            [
+                f"{p}にある{c}{s}",
+                f"{c}{s}が{p}にある",
+                f"{p2}に{c2}{s2}があります",
+                f"{p}の{c}{s2}",
+                f"{c2}{s}、{p2}",
+                f"{c}{s2}は{p2}にあります",
+            ],
+            rng,
+        )
+    a, b = scene.objects
+    ca, sa, cb, sb = _JA_COLOR[a.color], _JA_SHAPE[a.shape], _JA_COLOR[b.color], _JA_SHAPE[b.shape]
+    ca2, sa2 = _JA_COLOR_ALT[a.color], _JA_SHAPE_ALT[a.shape]
+    cb2, sb2 = _JA_COLOR_ALT[b.color], _JA_SHAPE_ALT[b.shape]
+    pa, pb = _JA_POS[a.position], _JA_POS[b.position]
+    return _pick(
+        [
+            f"{cb}{sb}の{pa}にある{ca}{sa}",
+            f"{cb}{sb}が{ca}{sa}の{pb}にある",
+            f"{ca2}{sa2}が{cb2}{sb2}の{_JA_POS_ALT[a.position]}にあります",
+            f"{pa}に{ca}{sa}、{pb}に{cb}{sb}",
+        ],
+        rng,
+    )
+
+
+def caption_ko(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Korean caption of ``scene``; ``rng=None`` gives the canonical form ("왼쪽에 있는 빨간 원")."""
+    if not scene.is_pair:
+        (o,) = scene.objects
+        c, c2, s, s2 = _KO_COLOR[o.color], _KO_COLOR_ALT[o.color], _KO_SHAPE[o.shape], _KO_SHAPE_ALT[o.shape]
+        p, p2 = _KO_POS[o.position], _KO_POS_ALT[o.position]
+        return _pick(
+            [
+                f"{p}에 있는 {c} {s}",
+                f"{c} {_ko_subject(s)} {p}에 있다",
+                f"{p2}에 {c2} {_ko_subject(s2)} 있습니다",
+                f"{p}의 {c} {s2}",
+                f"{c2} {s}, {p2}",
+                f"{c} {_ko_topic(s2)} {p2}에 있어요",
+            ],
+            rng,
+        )
+    a, b = scene.objects
+    ca, sa, cb, sb = _KO_COLOR[a.color], _KO_SHAPE[a.shape], _KO_COLOR[b.color], _KO_SHAPE[b.shape]
+    pa, pb = _KO_POS[a.position], _KO_POS[b.position]
+    return _pick(
+        [
+            f"{cb} {sb}의 {pa}에 있는 {ca} {sa}",
+            f"{cb} {_ko_subject(sb)} {ca} {sa}의 {pb}에 있다",
+            f"{_KO_COLOR_ALT[a.color]} {_ko_subject(sa)} {_KO_COLOR_ALT[b.color]} {sb}의 {_KO_POS_ALT[a.position]}에 있습니다",
+            f"{pa}에 {ca} {sa}, {pb}에 {cb} {sb}",
+        ],
+        rng,
+    )
+
+
+def caption_es(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Spanish caption of ``scene``; ``rng=None`` gives the canonical form ("un círculo rojo a la izquierda")."""
+    if not scene.is_pair:
+        (o,) = scene.objects
+        c, s, p, p2 = _ES_COLOR[o.color], _ES_SHAPE[o.shape], _ES_POS[o.position], _ES_POS_ALT[o.position]
+        return _pick(
+            [
+                f"un {s} {c} {p}",
+                f"{p}, un {s} {c}",
+                f"hay un {s} {c} {p2}",
+                f"un {s} de color {c} {p}",
+                f"el {s} {c} está {p}",
+                f"{s} {c} {p2}",
+            ],
+            rng,
+        )
+    a, b = scene.objects
+    ca, sa, cb, sb = _ES_COLOR[a.color], _ES_SHAPE[a.shape], _ES_COLOR[b.color], _ES_SHAPE[b.shape]
+    rel, inverse = (a.position, b.position), (b.position, a.position)
+    return _pick(
+        [
+            f"un {sa} {ca} {_ES_REL[rel]} un {sb} {cb}",
+            f"un {sb} {cb} {_ES_REL[inverse]} un {sa} {ca}",
+            f"hay un {sa} {ca} {_ES_REL_ALT[rel]} un {sb} {cb}",
+            f"un {sa} {ca} {_ES_POS[a.position]} y un {sb} {cb} {_ES_POS[b.position]}",
+        ],
+        rng,
+    )
+
+
+def _ar_noun(obj: Obj, definite: bool = False) -> str:
+    """``دائرة حمراء`` / ``المربع الأحمر``: the shape and its colour, agreeing in gender (and definiteness)."""
+    colors = _AR_COLOR_F if obj.shape in _AR_FEMININE else _AR_COLOR_M
+    noun, adjective = _AR_SHAPE[obj.shape], colors[obj.color]
+    return f"ال{noun} ال{adjective}" if definite else f"{noun} {adjective}"
+
+
+def caption_ar(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Arabic caption of ``scene``; ``rng=None`` gives the canonical form ("دائرة حمراء على اليسار")."""
+    if not scene.is_pair:
+        (o,) = scene.objects
+        noun, p, p2 = _ar_noun(o), _AR_POS[o.position], _AR_POS_ALT[o.position]
+        feminine = o.shape in _AR_FEMININE
+        there_is = "توجد" if feminine else "يوجد"
+        # "a square whose colour is red": the colour noun is masculine, so the adjective is too.
+        whose_colour = f"{_AR_SHAPE[o.shape]} {'لونها' if feminine else 'لونه'} {_AR_COLOR_M[o.color]}"
+        return _pick(
+            [
+                f"{noun} {p}",
+                f"{p} {noun}",
+                f"{there_is} {noun} {p2}",
+                f"{whose_colour} {p}",
+                f"{_ar_noun(o, definite=True)} {p}",
+                f"{noun} {p2}",
+            ],
+            rng,
+        )
+    a, b = scene.objects
+    na, nb = _ar_noun(a), _ar_noun(b)
+    rel, inverse = (a.position, b.position), (b.position, a.position)
+    there_is = "توجد" if a.shape in _AR_FEMININE else "يوجد"
+    return _pick(
+        [
+            f"{na} {_AR_REL[rel]} {nb}",
+            f"{nb} {_AR_REL[inverse]} {na}",
+            f"{there_is} {na} {_AR_REL[rel]} {nb}",
+            f"{na} {_AR_POS[a.position]} و{nb} {_AR_POS[b.position]}",
+        ],
+        rng,
+    )
+
+
+_GRAMMARS = {
+    "en": caption_en,
+    "zh": caption_zh,
+    "ja": caption_ja,
+    "ko": caption_ko,
+    "es": caption_es,
+    "ar": caption_ar,
+}
+
+
+def _object_phrase(obj: Obj, language: str) -> tuple[str, str]:
+    """``(noun phrase, position phrase)`` of one object in one target language, canonical forms."""
+    if language == "zh":
+        return _ZH_COLOR[obj.color] + _ZH_SHAPE[obj.shape], f"在{_ZH_POS[obj.position]}"
+    if language == "ja":
+        return _JA_COLOR[obj.color] + _JA_SHAPE[obj.shape], f"{_JA_POS[obj.position]}に"
+    if language == "ko":
+        return f"{_KO_COLOR[obj.color]} {_KO_SHAPE[obj.shape]}", f"{_KO_POS[obj.position]}에"
+    if language == "es":
+        return f"un {_ES_SHAPE[obj.shape]} {_ES_COLOR[obj.color]}", _ES_POS[obj.position]
+    return _ar_noun(obj), _AR_POS[obj.position]
+
+
+def caption_mixed(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """A code-switched caption: two different target languages inside one prompt.
+
+    One object: its colour and shape in one language, its position in another ("赤い丸, a la izquierda").
+    Two objects: each object's own description (what, where) in its own language ("左边的红色圆形, un
+    cuadrado azul a la derecha"), the relation then read from the two positions. ``rng=None`` takes Chinese
+    and Spanish; a generator draws the two languages.
+    """
+    if rng is None:
+        first, second = "zh", "es"
+    else:
+        i, j = rng.choice(len(TARGET_LANGUAGES), size=2, replace=False)
+        first, second = TARGET_LANGUAGES[int(i)], TARGET_LANGUAGES[int(j)]
+    if not scene.is_pair:
+        (o,) = scene.objects
+        return f"{_object_phrase(o, first)[0]}, {_object_phrase(o, second)[1]}"
+    a, b = scene.objects
+    return f"{caption(Scene((a,)), first)}, {caption(Scene((b,)), second)}"
+
+
+def parse_languages(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"zh"`` / ``"ja,ko"`` / ``"all"`` / ``["es", "mixed"]`` -> the target-language codes, validated.
+
+    ``"all"`` is every language of :data:`TARGET_LANGUAGES`; :data:`MIXED` is allowed beside them.
+
+    Raises:
+        ValueError: an unknown code (naming the known ones), a repeat, or nothing at all.
+    """
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    codes: list[str] = []
+    for item in items:
+        for code in TARGET_LANGUAGES if item == "all" else (item,):
+            if code not in (*TARGET_LANGUAGES, MIXED):
+                raise ValueError(
+                    f"unknown toy-world language {code!r}; expected one of {', '.join(TARGET_LANGUAGES)}, "
+                    f"{MIXED!r} or 'all' (comma-separated for several)"
+                )
+            if code in codes:
+                raise ValueError(f"language {code!r} is given twice in {value!r}")
+            codes.append(code)
+    if not codes:
+        raise ValueError(f"no language in {value!r}")
+    return tuple(codes)
+
+
+def caption(scene: Scene, language: str, rng: np.random.Generator | None = None) -> str:
+    """The caption of ``scene`` in ``language`` (``"en"``, a code of :data:`TARGET_LANGUAGES` or ``"mixed"``).
+
+    Every grammar draws its paraphrase with one call on ``rng``, so two generators in the same state pick the
+    same template index in every language (the evaluation's parallel captions rely on it).
+    """
+    if language == MIXED:
+        return caption_mixed(scene, rng)
+    try:
+        grammar = _GRAMMARS[language]
+    except KeyError:
+        raise ValueError(
+            f"no toy-world grammar for language {language!r}; expected one of {', '.join(LANGUAGES)} or {MIXED!r}"
+        ) from None
+    return grammar(scene, rng)
+
+
 # ---------------------------------------------------------------------------------------------- checker
 
 _MIN_AREA_FRAC = 0.02  # a blob smaller than 2% of the image is noise, not an object
@@ -371,14 +689,17 @@ def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
     Single object: the largest non-background blob is the object; ``color`` is its majority palette
     colour, ``shape`` comes from :func:`_classify_shape`, ``position`` from the anchor nearest its centroid.
     Two objects: each object is the largest blob of its own colour (``color`` fails when none is large
-    enough); keys ``color_0`` ... ``all_1`` per object and ``color``/``shape``/``position``/``all`` for both.
+    enough); keys ``color_0`` ... ``all_1`` per object, ``color``/``shape``/``position``/``all`` for both, and
+    ``relation``: both objects are found and the first lies on its stated side of the second (centroids
+    compared along the relation's axis, wherever the pair sits in the image).
 
     Args:
         image: uint8 ``[H, W, 3]`` (as :func:`render` or a pipeline with ``output_type="np"`` * 255 gives).
         scene: The scene the image should show.
 
     Returns:
-        ``{"color", "shape", "position", "all"}`` booleans (plus per-object keys for two-object scenes).
+        ``{"color", "shape", "position", "all"}`` booleans (plus per-object keys and ``relation`` for two-object
+        scenes).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -407,12 +728,14 @@ def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
                 }
             )
     else:
+        centroids: list[np.ndarray] = []
         for obj in scene.objects:
             comps = [c for c in _components(labels == COLORS.index(obj.color)) if len(c) >= min_area]
             if not comps:
                 per_obj.append({"color": False, "shape": False, "position": False})
                 continue
             blob = max(comps, key=len)
+            centroids.append(blob.mean(axis=0))  # (y, x)
             per_obj.append(
                 {
                     "color": True,
@@ -429,6 +752,12 @@ def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
             for key in ("color", "shape", "position"):
                 out[f"{key}_{i}"] = o[key]
             out[f"all_{i}"] = all(o.values())
+        out["relation"] = False
+        if len(centroids) == 2:
+            a, b = scene.objects
+            axis = 1 if a.position in ("left", "right") else 0
+            first_lower = centroids[0][axis] < centroids[1][axis]  # left of / above the second
+            out["relation"] = bool(first_lower == (a.position in ("left", "top")))
     return out
 
 
@@ -436,13 +765,14 @@ def evaluate_accuracy(images: np.ndarray | list[np.ndarray], scenes: list[Scene]
     """Mean of :func:`check` over paired ``images`` ``[B, H, W, 3]`` and ``scenes`` (length B).
 
     Returns:
-        ``{"color", "shape", "position", "all"}`` accuracies in [0, 1] and ``"n"`` (the number of images).
+        ``{"color", "shape", "position", "all"}`` accuracies in [0, 1] (and ``"relation"`` when every scene is a
+        two-object one) and ``"n"`` (the number of images).
     """
     if len(images) != len(scenes):
         raise ValueError(f"images and scenes differ in length: {len(images)} vs {len(scenes)}")
     if len(scenes) == 0:
         raise ValueError("evaluate_accuracy needs at least one image")
-    keys = ("color", "shape", "position", "all")
+    keys = ("color", "shape", "position", "all") + (("relation",) if all(s.is_pair for s in scenes) else ())
     totals = dict.fromkeys(keys, 0.0)
     for image, scene in zip(images, scenes):
         result = check(image, scene)
@@ -457,18 +787,24 @@ def evaluate_accuracy(images: np.ndarray | list[np.ndarray], scenes: list[Scene]
 
 
 class ToyWorldDataset(torch.utils.data.Dataset):
-    """Unlimited, exactly parallel (en, zh, image) samples, reproducible from ``seed``.
+    """Unlimited, exactly parallel (en, target, image) samples, reproducible from ``seed``.
 
     Item ``i`` is drawn from ``numpy.random.default_rng((seed, i))``, so it is the same on every call, every
-    worker and every machine. Each item: ``{"en": str, "zh": str, "image": float [3, H, W] in [-1, 1],
-    "scene": Scene}``.
+    worker and every machine. Each item: ``{"en": str, "zh": str, "target": str, "language": str, "image":
+    float [3, H, W] in [-1, 1], "scene": Scene}``; ``target`` is the caption in the item's language (one of
+    ``languages``, drawn per item), ``zh`` the Chinese one. The target language and its caption come from a
+    second generator, ``default_rng((seed, i, 1))``, so the scene, image, English and Chinese of an item are
+    the same whatever ``languages`` is.
 
     Args:
-        split: ``"train"``, ``"heldout"`` or ``"all"`` scenes.
+        split: ``"train"``, ``"heldout"`` or ``"all"`` scenes (the split is by scene, so a held-out combination
+            is kept out of every language's training data).
         size: Image side in pixels.
         seed: Seed of the whole stream.
         length: Number of items ``len()`` reports (the stream itself has no end).
         pair_fraction: Probability that an item is a two-object scene.
+        languages: Target languages, drawn uniformly per item (``"zh"``, ``"ja,ko"``, ``"all"``, or a sequence;
+            see :func:`parse_languages`; ``"mixed"`` is the code-switched grammar).
     """
 
     def __init__(
@@ -478,6 +814,7 @@ class ToyWorldDataset(torch.utils.data.Dataset):
         seed: int = 0,
         length: int = 10_000,
         pair_fraction: float = 0.0,
+        languages: str | Sequence[str] = "zh",
     ) -> None:
         if length <= 0:
             raise ValueError(f"length must be > 0, got {length}")
@@ -486,6 +823,7 @@ class ToyWorldDataset(torch.utils.data.Dataset):
         self.singles = all_single_scenes(split)
         self.pairs = all_pair_scenes(split)
         self.size, self.seed, self.length, self.pair_fraction = size, seed, length, pair_fraction
+        self.languages = parse_languages(languages)
 
     def __len__(self) -> int:
         return self.length
@@ -498,7 +836,14 @@ class ToyWorldDataset(torch.utils.data.Dataset):
         scene = pool[int(rng.integers(len(pool)))]
         image = render(scene, self.size, rng)
         pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
-        return {"en": caption_en(scene, rng), "zh": caption_zh(scene, rng), "image": pixels, "scene": scene}
+        en, zh = caption_en(scene, rng), caption_zh(scene, rng)
+        if self.languages == ("zh",):
+            language, target = "zh", zh
+        else:
+            side = np.random.default_rng((self.seed, index, 1))
+            language = self.languages[int(side.integers(len(self.languages)))]
+            target = caption(scene, language, side)
+        return {"en": en, "zh": zh, "target": target, "language": language, "image": pixels, "scene": scene}
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(self.length):
