@@ -139,7 +139,9 @@ def write_family(
     if family.random in stages:
         random_model = toy.build_student_model(tokenizer, config)
         meta = {"variant": family.random, **facts}
-        print(f"wrote {toy.save_student(args.out / f'student-{family.random}', random_model, tokenizer, config, meta)}")
+        print(
+            f"wrote {toy.save_student(args.out / f'student-{family.random}', random_model, tokenizer, config, meta)}"
+        )
 
     if family.pretrained in stages:
         model, stats = toy.pretrain_mlm(tokenizer, corpus, config)
@@ -153,7 +155,9 @@ def write_family(
         language = ",".join(family.languages)
         model, stats = align(source, args.align_steps, args.align_lr, args.seed, language)
         meta = {"variant": family.aligned, "from": source.name, "distill": stats, **facts}
-        print(f"wrote {toy.save_student(args.out / f'student-{family.aligned}', model, tokenizer, config, meta)}")
+        print(
+            f"wrote {toy.save_student(args.out / f'student-{family.aligned}', model, tokenizer, config, meta)}"
+        )
         print(json.dumps(stats, indent=2))
 
 

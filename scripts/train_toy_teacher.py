@@ -68,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--pair-renders", type=int, default=16, help="jittered renders per two-object scene")
     p.add_argument(
-        "--init-from", type=Path, default=None, help="a saved toy teacher to fine-tune (its architecture wins)"
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a saved toy teacher to fine-tune (its architecture wins)",
     )
     p.add_argument(
         "--eval-pairs", type=int, default=48, help="two-object scenes in the final evaluation (0: none)"
@@ -329,7 +332,13 @@ def main(argv: list[str] | None = None) -> None:
                     pipe, chosen, seeds=range(args.eval_seeds), steps=args.eval_steps, guidance=guidance
                 )
                 record["eval"].append(
-                    {"guidance": guidance, "kind": "pair", "scenes": len(chosen), "seeds": args.eval_seeds, **acc}
+                    {
+                        "guidance": guidance,
+                        "kind": "pair",
+                        "scenes": len(chosen),
+                        "seeds": args.eval_seeds,
+                        **acc,
+                    }
                 )
                 record["eval"][-1]["time_s"] = round(time.time() - t0, 1)
                 print(record["eval"][-1], flush=True)

@@ -23,25 +23,55 @@ CANONICAL = {
 # Words that name each attribute value in each language (any of them may appear in a paraphrase).
 WORDS = {
     "ja": {
-        "red": ("赤",), "green": ("緑",), "blue": ("青",), "yellow": ("黄",),
-        "circle": ("丸", "円"), "square": ("四角", "正方形"), "triangle": ("三角",),
-        "left": ("左",), "right": ("右",), "top": ("上",), "bottom": ("下",),
+        "red": ("赤",),
+        "green": ("緑",),
+        "blue": ("青",),
+        "yellow": ("黄",),
+        "circle": ("丸", "円"),
+        "square": ("四角", "正方形"),
+        "triangle": ("三角",),
+        "left": ("左",),
+        "right": ("右",),
+        "top": ("上",),
+        "bottom": ("下",),
     },
     "ko": {
-        "red": ("빨간",), "green": ("초록", "녹색"), "blue": ("파란",), "yellow": ("노란",),
-        "circle": ("원", "동그라미"), "square": ("사각형",), "triangle": ("삼각형", "세모"),
-        "left": ("왼쪽", "좌측"), "right": ("오른쪽", "우측"), "top": ("위쪽", "상단"), "bottom": ("아래쪽", "하단"),
+        "red": ("빨간",),
+        "green": ("초록", "녹색"),
+        "blue": ("파란",),
+        "yellow": ("노란",),
+        "circle": ("원", "동그라미"),
+        "square": ("사각형",),
+        "triangle": ("삼각형", "세모"),
+        "left": ("왼쪽", "좌측"),
+        "right": ("오른쪽", "우측"),
+        "top": ("위쪽", "상단"),
+        "bottom": ("아래쪽", "하단"),
     },
     "es": {
-        "red": ("roj",), "green": ("verde",), "blue": ("azul",), "yellow": ("amarill",),
-        "circle": ("círculo",), "square": ("cuadrado",), "triangle": ("triángulo",),
-        "left": ("izquierd",), "right": ("derech",), "top": ("arriba", "superior", "encima"),
+        "red": ("roj",),
+        "green": ("verde",),
+        "blue": ("azul",),
+        "yellow": ("amarill",),
+        "circle": ("círculo",),
+        "square": ("cuadrado",),
+        "triangle": ("triángulo",),
+        "left": ("izquierd",),
+        "right": ("derech",),
+        "top": ("arriba", "superior", "encima"),
         "bottom": ("abajo", "inferior", "debajo"),
     },
     "ar": {
-        "red": ("أحمر", "حمراء"), "green": ("أخضر", "خضراء"), "blue": ("أزرق", "زرقاء"), "yellow": ("أصفر", "صفراء"),
-        "circle": ("دائرة",), "square": ("مربع",), "triangle": ("مثلث",),
-        "left": ("يسار", "اليسرى"), "right": ("يمين", "اليمنى"), "top": ("أعلى", "العلوي", "فوق"),
+        "red": ("أحمر", "حمراء"),
+        "green": ("أخضر", "خضراء"),
+        "blue": ("أزرق", "زرقاء"),
+        "yellow": ("أصفر", "صفراء"),
+        "circle": ("دائرة",),
+        "square": ("مربع",),
+        "triangle": ("مثلث",),
+        "left": ("يسار", "اليسرى"),
+        "right": ("يمين", "اليمنى"),
+        "top": ("أعلى", "العلوي", "فوق"),
         "bottom": ("أسفل", "السفلي", "تحت"),
     },
 }
@@ -92,7 +122,9 @@ def test_language_specific_grammar() -> None:
     # Korean particles follow the final consonant: 원이 (batchim), 동그라미가 / 세모가 (none).
     ko = _paraphrases(SINGLE, "ko") | _paraphrases(world.Scene((world.Obj("red", "triangle", "top"),)), "ko")
     assert any("원이 " in t for t in ko) and any("동그라미가 " in t for t in ko)
-    assert any("세모는 " in t or "세모가 " in t for t in ko) and not any("원가" in t or "세모이" in t for t in ko)
+    assert any("세모는 " in t or "세모가 " in t for t in ko) and not any(
+        "원가" in t or "세모이" in t for t in ko
+    )
     # Arabic adjectives agree with the noun's gender: the circle is feminine, the square masculine.
     assert "دائرة حمراء" in world.caption(SINGLE, "ar") and "مربع أزرق" in world.caption(PAIR, "ar")
     assert not any("دائرة أحمر" in t for t in _paraphrases(SINGLE, "ar"))
@@ -109,7 +141,9 @@ def test_mixed_captions_switch_language_inside_one_prompt() -> None:
     assert len(texts) >= 10
     for text in texts:
         first, second = text.split(", ", 1)
-        assert first in {world.caption(world.Scene(PAIR.objects[:1]), lang) for lang in world.TARGET_LANGUAGES}
+        assert first in {
+            world.caption(world.Scene(PAIR.objects[:1]), lang) for lang in world.TARGET_LANGUAGES
+        }
         assert first != world.caption(world.Scene(PAIR.objects[:1]), "es") or "izquierda" not in second
 
 
@@ -118,7 +152,7 @@ def test_parse_languages() -> None:
     assert world.parse_languages("all") == world.TARGET_LANGUAGES
     assert world.parse_languages(" ja, ko ") == ("ja", "ko")
     assert world.parse_languages(["es", "mixed"]) == ("es", "mixed")
-    with pytest.raises(ValueError, match="unknown toy-world language 'de'.*zh, ja, ko, es, ar"):
+    with pytest.raises(ValueError, match=r"unknown toy-world language 'de'.*zh, ja, ko, es, ar"):
         world.parse_languages("zh,de")
     with pytest.raises(ValueError, match="given twice"):
         world.parse_languages("zh,all")
@@ -149,9 +183,7 @@ def test_checker_scores_the_relation_of_two_objects() -> None:
     verdict = world.check(world.render(PAIR), PAIR)
     assert verdict["all"] and verdict["relation"] and verdict["all_0"] and verdict["all_1"]
     # The same two objects drawn the other way round: each position is wrong, and so is the relation.
-    swapped = world.Scene(
-        (world.Obj("red", "circle", "right"), world.Obj("blue", "square", "left"))
-    )
+    swapped = world.Scene((world.Obj("red", "circle", "right"), world.Obj("blue", "square", "left")))
     verdict = world.check(world.render(swapped), PAIR)
     assert not verdict["relation"] and not verdict["position"] and verdict["color"] and verdict["shape"]
     # A pair drawn vertically where it should be side by side has no left/right relation either way.
@@ -171,7 +203,9 @@ def test_checker_on_every_two_object_render() -> None:
     rng = np.random.default_rng(0)
     right = [world.check(world.render(s, rng=rng), s) for s in scenes]
     assert np.mean([v["all"] and v["relation"] for v in right]) >= 0.995
-    accuracy = world.evaluate_accuracy([world.render(s) for s in world.pair_eval_scenes()], world.pair_eval_scenes())
+    accuracy = world.evaluate_accuracy(
+        [world.render(s) for s in world.pair_eval_scenes()], world.pair_eval_scenes()
+    )
     assert accuracy["relation"] == accuracy["all"] == 1.0
 
 

@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from xling.train.toyworld import TOY_STUDENTS
+from xling.train.toyworld import TOY_STUDENTS, world
 from xling.train.toyworld import student as toy
-from xling.train.toyworld import world
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ TINY = {
 
 def test_language_option_is_checked_on_the_toy_world() -> None:
     assert load_config("iap", None, {"language": "ko"}).language == "ko"
-    with pytest.raises(ValueError, match="config key 'language': unknown toy-world language 'de'"):
+    with pytest.raises(ValueError, match=r"config key 'language': unknown toy-world language 'de'"):
         load_config("iap", None, {"language": "de"})
-    with pytest.raises(ValueError, match="'data.pair_fraction' must be in"):
+    with pytest.raises(ValueError, match=r"'data\.pair_fraction' must be in"):
         load_config("iap", None, {"data.pair_fraction": 1.5})
     # A real corpus brings its own target column: any code is recorded as given.
     cfg = load_config("iap", None, {"teacher": "some/model", "data.path": "pairs.jsonl", "language": "de"})
@@ -127,7 +127,9 @@ def test_pooling_training_seeds_keeps_every_image() -> None:
     one = run(0, [True] * 6 + [False] * 2)
     pooled = bench.pool_seeds([one, run(1, [True] * 4 + [False] * 4), run(2, [True] * 8)])
     assert pooled.train_seeds == [0, 1, 2] and pooled.seed_accuracy == [0.75, 0.5, 1.0]
-    assert pooled.accuracy["all"] == pytest.approx(18 / 24) and pooled.relative_accuracy == pytest.approx(0.75)
+    assert pooled.accuracy["all"] == pytest.approx(18 / 24) and pooled.relative_accuracy == pytest.approx(
+        0.75
+    )
     assert pooled.groups["zh_student/single"]["n"] == 24 and pooled.curve == [(3, pytest.approx(0.75))]
     assert pooled.agreement["psnr"] == pytest.approx(1.0)
     alone = group_summary(one[1].verdicts["zh_student/single"])

@@ -263,7 +263,9 @@ def write_plot(
             ax.plot(xs, [100 * y for y in ys], marker="o", label=outcome.recipe)
     for axis in (ax, bars):
         if teacher_all is not None:
-            axis.axhline(100 * teacher_all, color="black", linestyle="--", linewidth=1, label="English teacher")
+            axis.axhline(
+                100 * teacher_all, color="black", linestyle="--", linewidth=1, label="English teacher"
+            )
             axis.axhline(90 * teacher_all, color="grey", linestyle=":", linewidth=1, label="90% of teacher")
         axis.set_ylim(0, 105)  # room for the teacher line at 100%
         axis.grid(alpha=0.3)
@@ -274,11 +276,17 @@ def write_plot(
     width = 0.8 / max(1, len(names))
     for k, name in enumerate(names):
         means = np.array([100 * o.groups.get(name, {}).get("all", np.nan) for o in scored])
-        lows = np.array([100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[0] for o in scored])
-        highs = np.array([100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[1] for o in scored])
+        lows = np.array(
+            [100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[0] for o in scored]
+        )
+        highs = np.array(
+            [100 * (o.groups.get(name, {}).get("interval") or [np.nan, np.nan])[1] for o in scored]
+        )
         xs = np.arange(len(scored)) + (k - (len(names) - 1) / 2) * width
         bars.bar(xs, means, width, label=group_label(name).removeprefix("student, "))
-        bars.errorbar(xs, means, yerr=[means - lows, highs - means], fmt="none", ecolor="black", capsize=2, lw=0.8)
+        bars.errorbar(
+            xs, means, yerr=[means - lows, highs - means], fmt="none", ecolor="black", capsize=2, lw=0.8
+        )
     bars.set_xticks(np.arange(len(scored)), [o.recipe for o in scored])
     bars.set_title("final accuracy per language and scene kind, 95% intervals", fontsize=10)
     bars.legend(fontsize=7, ncol=2)
@@ -447,9 +455,8 @@ def run_bench(
     """
     import torch
 
-    from xling.train.evaluation import load_pipeline, sampler_defaults
-
     from xling.train.config import load_config
+    from xling.train.evaluation import load_pipeline, sampler_defaults
     from xling.train.toyworld.world import parse_languages
 
     if teacher not in TOY_TEACHERS:
@@ -484,7 +491,11 @@ def run_bench(
                 chosen = "toy-multilingual-aligned" if own == "toy-aligned" else "toy-multilingual"
             runs = []
             for k, train_seed in enumerate(train_seeds):
-                folder = output_dir / recipe if len(train_seeds) == 1 else output_dir / recipe / f"seed{train_seed}"
+                folder = (
+                    output_dir / recipe
+                    if len(train_seeds) == 1
+                    else output_dir / recipe / f"seed{train_seed}"
+                )
                 cfg_overrides = {
                     "teacher": teacher,
                     **({"student": chosen} if chosen is not None else {}),
@@ -511,7 +522,9 @@ def run_bench(
                         workdir=Path(tmp),
                     )
                     reference = final
-                    print(f"  {recipe} done: {final.summary()}; train {outcome.train_seconds:.0f} s", flush=True)
+                    print(
+                        f"  {recipe} done: {final.summary()}; train {outcome.train_seconds:.0f} s", flush=True
+                    )
                     runs.append((outcome, final))
                 except Exception as err:  # one failing recipe must not lose the others' numbers
                     runs = []

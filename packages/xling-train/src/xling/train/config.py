@@ -66,7 +66,8 @@ class DataConfig:
     )
     num_samples: int = option(512, "Toy world only: number of generated training pairs.")
     pair_fraction: float = option(
-        0.0, "Toy world only: share of the generated rows that are two-object scenes ('a red circle left of ...')."
+        0.0,
+        "Toy world only: share of the generated rows that are two-object scenes ('a red circle left of ...').",
     )
     val_samples: int = option(16, "Rows held out for validation (toy world: held-out combinations).")
     num_workers: int = option(0, "DataLoader worker processes.")
@@ -111,7 +112,9 @@ class EvalConfig:
         "Toy world: score single-object scenes, a fixed set of two-object ones, or both (every language the "
         "adapter reads is scored, code-switched prompts too for a multilingual one).",
     )
-    max_pair_scenes: int = option(48, "Toy world: two-object scenes scored (a fixed set) when scene_kind has pairs.")
+    max_pair_scenes: int = option(
+        48, "Toy world: two-object scenes scored (a fixed set) when scene_kind has pairs."
+    )
 
 
 @dataclass
@@ -544,7 +547,9 @@ def validate(config: RecipeConfig, *, needs_data: bool = False) -> None:
             "drop the cache or set --latents mode"
         )
     if not 0.0 <= config.data.pair_fraction <= 1.0:
-        raise ValueError(f"config key 'data.pair_fraction' must be in [0, 1], got {config.data.pair_fraction}")
+        raise ValueError(
+            f"config key 'data.pair_fraction' must be in [0, 1], got {config.data.pair_fraction}"
+        )
     if config.data.resolution is not None and config.data.resolution < 1:
         raise ValueError(f"config key 'data.resolution' must be >= 1 or null, got {config.data.resolution}")
     if needs_data and config.data.path is None:

@@ -132,7 +132,6 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from xling.train.bench import parse_overrides, run_bench
     from xling.train.evaluation import format_percent
-
     from xling.train.toyworld.world import parse_languages
 
     try:

@@ -22,18 +22,18 @@ import torch
 __all__ = [
     "BACKGROUND",
     "COLORS",
+    "LANGUAGES",
+    "MIXED",
     "PALETTE",
     "POSITIONS",
     "SHAPES",
+    "TARGET_LANGUAGES",
     "Obj",
     "Scene",
     "ToyWorldDataset",
     "all_pair_scenes",
     "all_scenes",
     "all_single_scenes",
-    "LANGUAGES",
-    "MIXED",
-    "TARGET_LANGUAGES",
     "caption",
     "caption_ar",
     "caption_en",
@@ -42,11 +42,11 @@ __all__ = [
     "caption_ko",
     "caption_mixed",
     "caption_zh",
-    "parse_languages",
     "check",
     "evaluate_accuracy",
     "is_heldout",
     "pair_eval_scenes",
+    "parse_languages",
     "render",
 ]
 
@@ -592,7 +592,9 @@ def parse_languages(value: str | Sequence[str]) -> tuple[str, ...]:
     Raises:
         ValueError: an unknown code (naming the known ones), a repeat, or nothing at all.
     """
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    items = (
+        [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    )
     codes: list[str] = []
     for item in items:
         for code in TARGET_LANGUAGES if item == "all" else (item,):
@@ -754,7 +756,7 @@ def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
             out[f"all_{i}"] = all(o.values())
         out["relation"] = False
         if len(centroids) == 2:
-            a, b = scene.objects
+            a = scene.objects[0]
             axis = 1 if a.position in ("left", "right") else 0
             first_lower = centroids[0][axis] < centroids[1][axis]  # left of / above the second
             out["relation"] = bool(first_lower == (a.position in ("left", "top")))
