@@ -254,23 +254,22 @@ def evaluate_toy(
 
     # The headline: the first language on the first scene kind, under the names every report reads.
     head = "single" if "single" in kinds else "pair"
-    head_rows = [k for k, i in enumerate(run.rows) if scenes[i].is_pair == (head == "pair")]
     named = {
-        "zh_student": checks[f"{codes[0]}_student"],
-        "perfect_translation": checks["perfect_translation"],
-        "en_teacher": checks["en_teacher"],
+        "zh_student": f"{codes[0]}_student",
+        "perfect_translation": "perfect_translation",
+        "en_teacher": "en_teacher",
     }
-    head_checks = {name: [v[k] for k in head_rows] for name, v in named.items()}
-    accuracy = {name: _accuracy(v) for name, v in head_checks.items()}
-    held_rows = [k for k in head_rows if heldout[run.rows[k]]]
+    rows = {name: groups[f"{source}/{head}"] for name, source in named.items()}
+    accuracy = {
+        name: {a: row[a] for a in (*ATTRIBUTES, "relation") if a in row} for name, row in rows.items()
+    }
     heldout_accuracy = {
-        name: _accuracy([named[name][k] for k in held_rows]) for name in ("zh_student", "perfect_translation")
+        name: _accuracy([v for v in per_image[f"{named[name]}/{head}"] if v["heldout"]])
+        for name in ("zh_student", "perfect_translation")
     }
-    teacher_all = accuracy["en_teacher"]["all"]
-    relative = accuracy["zh_student"]["all"] / teacher_all if teacher_all > 0 else None
-    right = {name: [bool(v["all"]) for v in verdict] for name, verdict in head_checks.items()}
-    intervals = {name: list(bootstrap_interval(v)) for name, v in right.items()}
-    intervals["relative"] = list(bootstrap_interval(right["zh_student"], right["en_teacher"]))
+    relative = rows["zh_student"]["relative"]
+    intervals = {name: row["interval"] for name, row in rows.items()}
+    intervals["relative"] = rows["zh_student"]["relative_interval"]
 
     # Alignment on the held-out single scenes (all evaluated scenes when none), their renders as pivots.
     singles = [i for i in range(len(scenes)) if not scenes[i].is_pair] or list(range(len(scenes)))
